@@ -1,0 +1,206 @@
+"""The public configuration contract: a TOML file, validated strictly at start.
+
+A misspelt key in a proxy's config is worse than a crash: the operator believes a setting is
+in force that is not.  So every table is checked for unknown keys and wrong types, and the
+error names the key (``upstream[1].read_timeout``) so it can be fixed without guessing.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from ._reference import is_host_like
+
+CONFIG_ENV = "STREAMSYNC_CONFIG"
+DEFAULT_CONFIG_FILE = "streamsync.toml"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the offending key."""
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    name: str
+    url: str
+    default: bool = False
+    username: str | None = None
+    password_env: str | None = None
+    tag_ttl: float = 300.0
+    connect_timeout: float = 10.0
+    read_timeout: float = 30.0
+    # Docker Hub stores official images under ``library/``; clients send bare ``alpine``.
+    implicit_library: bool = False
+
+    @property
+    def password(self) -> str | None:
+        """Read at use, not at load, so the secret never sits in a config object we might log."""
+        if self.password_env is None:
+            return None
+        return os.environ.get(self.password_env)
+
+    def __repr__(self) -> str:  # no credentials in reprs, ever
+        return f"UpstreamConfig(name={self.name!r}, url={self.url!r}, default={self.default})"
+
+
+@dataclass(frozen=True)
+class Config:
+    storage_root: Path = Path("./data")
+    chunk_size: int = 1024 * 1024
+    upstreams: tuple[UpstreamConfig, ...] = field(
+        default_factory=lambda: (
+            UpstreamConfig(
+                name="docker.io",
+                url="https://registry-1.docker.io",
+                default=True,
+                implicit_library=True,
+            ),
+        )
+    )
+
+    @property
+    def default_upstream(self) -> UpstreamConfig | None:
+        return next((u for u in self.upstreams if u.default), None)
+
+    def upstream_named(self, name: str) -> UpstreamConfig | None:
+        return next((u for u in self.upstreams if u.name == name), None)
+
+
+def load_config(environ: Mapping[str, str] | None = None) -> Config:
+    """Load the file named by ``STREAMSYNC_CONFIG``, else ``./streamsync.toml``, else defaults."""
+    environ = os.environ if environ is None else environ
+    named = environ.get(CONFIG_ENV)
+    if named:
+        path = Path(named)
+        if not path.is_file():
+            raise ConfigError(f"{CONFIG_ENV}={named}: no such file")
+    elif Path(DEFAULT_CONFIG_FILE).is_file():
+        path = Path(DEFAULT_CONFIG_FILE)
+    else:
+        return Config()
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    try:
+        return parse_config(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+class _Table:
+    """Typed access to one TOML table that remembers which keys were read."""
+
+    def __init__(self, data: Any, where: str) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: must be a table")
+        self._data: dict[str, Any] = data
+        self._where = where
+        self._seen: set[str] = set()
+
+    def _key(self, key: str) -> str:
+        return f"{self._where}.{key}" if self._where else key
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any) -> Any:
+        self._seen.add(key)
+        if key not in self._data:
+            return default
+        value = self._data[key]
+        # bool is an int in Python; a ``chunk_size = true`` must not pass as 1.
+        if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+            raise ConfigError(f"{self._key(key)}: expected {_kind_name(kind)}, got a boolean")
+        if not isinstance(value, kind):
+            raise ConfigError(
+                f"{self._key(key)}: expected {_kind_name(kind)}, got {type(value).__name__}"
+            )
+        return value
+
+    def positive_number(self, key: str, default: float) -> float:
+        value = float(self.get(key, (int, float), default))
+        if not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"{self._key(key)}: must be a positive number")
+        return value
+
+    def finish(self) -> None:
+        unknown = sorted(set(self._data) - self._seen)
+        if unknown:
+            raise ConfigError(f"unknown key {self._key(unknown[0])}")
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def parse_config(data: dict[str, Any]) -> Config:
+    top = _Table(data, "")
+    storage = _Table(top.get("storage", dict, {}), "storage")
+    root = storage.get("root", str, "./data")
+    storage.finish()
+
+    stream = _Table(top.get("stream", dict, {}), "stream")
+    chunk_size = stream.get("chunk_size", int, 1024 * 1024)
+    if not 4096 <= chunk_size <= 64 * 1024 * 1024:
+        raise ConfigError("stream.chunk_size: must be between 4096 and 67108864 bytes")
+    stream.finish()
+
+    raw_upstreams = top.get("upstream", list, None)
+    top.finish()
+    if raw_upstreams is None:
+        upstreams = Config().upstreams
+    else:
+        upstreams = tuple(_parse_upstream(raw, i) for i, raw in enumerate(raw_upstreams))
+        if not upstreams:
+            raise ConfigError("upstream: at least one [[upstream]] is needed")
+    names = [u.name for u in upstreams]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(f"upstream: name {name!r} is used twice")
+    if sum(u.default for u in upstreams) > 1:
+        raise ConfigError("upstream: more than one upstream has default = true")
+    return Config(storage_root=Path(root), chunk_size=chunk_size, upstreams=upstreams)
+
+
+def _parse_upstream(raw: Any, index: int) -> UpstreamConfig:
+    table = _Table(raw, f"upstream[{index}]")
+    name = table.get("name", str, None)
+    if name is None:
+        raise ConfigError(f"upstream[{index}].name: missing")
+    if not is_host_like(name) or "/" in name:
+        raise ConfigError(
+            f"upstream[{index}].name: {name!r} must look like a registry host "
+            "(contain '.' or ':' or be 'localhost') so it cannot be mistaken for a namespace"
+        )
+    url = table.get("url", str, None)
+    if url is None:
+        raise ConfigError(f"upstream[{index}].url: missing")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise ConfigError(f"upstream[{index}].url: {url!r} must be an http(s) URL with a host")
+    username = table.get("username", str, None)
+    password_env = table.get("password_env", str, None)
+    if (username is None) != (password_env is None):
+        raise ConfigError(f"upstream[{index}].password_env: username and password_env go together")
+    upstream = UpstreamConfig(
+        name=name,
+        url=url.rstrip("/"),
+        default=table.get("default", bool, False),
+        username=username,
+        password_env=password_env,
+        tag_ttl=float(table.get("tag_ttl", (int, float), 300)),
+        connect_timeout=table.positive_number("connect_timeout", 10.0),
+        read_timeout=table.positive_number("read_timeout", 30.0),
+        implicit_library=table.get("implicit_library", bool, name == "docker.io"),
+    )
+    if upstream.tag_ttl < 0:
+        raise ConfigError(f"upstream[{index}].tag_ttl: must be >= 0")
+    table.finish()
+    return upstream

@@ -1,0 +1,273 @@
+"""The HTTP edge: translates OCI distribution requests to the core and back.
+
+Nothing here decides policy.  Each handler parses the request (``_reference``, ``_routing``,
+``_ranges``), asks the core (``_streaming``, ``_manifests``, ``_upstream``), and turns the answer
+or the :class:`RegistryError` into a response.  Two HTTP facts shape the blob handler:
+
+* Status and headers leave before the first body byte, so the handler waits until the
+  upstream's headers are in (``Subscriber.wait_size``) before returning: an upstream 404 or 401
+  still reaches the client as a real 404 or 401.
+* Once headers are out, the only honest way to report a failure is to stop short of
+  ``Content-Length``: the body iterator raises, and hypercorn closes the connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import httpx
+import trio
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from ._config import Config
+from ._errors import RegistryError, blob_unknown
+from ._manifests import CachedManifest, ManifestService
+from ._ranges import parse_range
+from ._reference import Endpoint, parse_digest, parse_v2_path
+from ._routing import Route, route
+from ._store import Store
+from ._streaming import DownloadRegistry, Subscriber, read_stored
+from ._upstream import Upstream
+
+log = logging.getLogger("streamsync_trio.http")
+
+API_VERSION_HEADER = {"Docker-Distribution-API-Version": "registry/2.0"}
+_PASSTHROUGH_TTL = 10.0  # tags/list and referrers: "cached briefly"
+_PASSTHROUGH_CACHE_MAX = 1024
+
+
+@dataclass
+class ProxyState:
+    """What the app holds for its lifetime; built in ``before_serving`` inside the app nursery."""
+
+    config: Config
+    store: Store
+    downloads: DownloadRegistry
+    manifests: ManifestService
+    upstreams: dict[str, Upstream]
+    passthrough_cache: dict[tuple[str, str, str], tuple[float, Any]] = field(default_factory=dict)
+
+
+class _BlobBody:
+    """The response body of a blob: reads through a subscriber, closes it when done.
+
+    A class rather than an async generator so that Quart's ``aclose`` (or, if the response is
+    dropped unsent, the subscriber's finaliser) always releases the subscriber, even when
+    iteration never started.
+    """
+
+    def __init__(self, subscriber: Subscriber, chunk_size: int) -> None:
+        self._subscriber = subscriber
+        self._chunk_size = chunk_size
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            data = await self._subscriber.read(self._chunk_size)
+        except BaseException:
+            self._subscriber.close()
+            raise
+        if not data:
+            self._subscriber.close()
+            raise StopAsyncIteration
+        return data
+
+    async def aclose(self) -> None:
+        self._subscriber.close()
+
+
+def _error_response(error: RegistryError) -> Response:
+    headers = {"Content-Type": "application/json", **API_VERSION_HEADER, **error.headers}
+    return Response(error.to_json(), status=error.status, headers=headers)
+
+
+def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = None) -> QuartTrio:
+    """Build the proxy app.  ``transport`` replaces the network (tests inject faults with it)."""
+    app = QuartTrio(__name__)
+    # Blob responses last as long as the blob takes; Quart's 60 s default would cut them.
+    app.config["RESPONSE_TIMEOUT"] = None
+    app.url_map.merge_slashes = False
+    app.url_map.strict_slashes = False
+    holder: dict[str, ProxyState] = {}
+
+    def state() -> ProxyState:
+        return holder["state"]
+
+    @app.before_serving
+    async def start() -> None:
+        store = Store(config.storage_root)
+        removed = await trio.to_thread.run_sync(store.remove_leftover_partials)
+        if removed:
+            log.warning("removed %d partial download(s) left by a previous run", removed)
+        holder["state"] = ProxyState(
+            config=config,
+            store=store,
+            downloads=DownloadRegistry(store, app.nursery, chunk_size=config.chunk_size),
+            manifests=ManifestService(store, app.nursery),
+            upstreams={u.name: Upstream(u, transport=transport) for u in config.upstreams},
+        )
+        app.extensions["streamsync"] = holder["state"]
+        log.info(
+            "serving from cache %s; upstreams: %s",
+            store.root,
+            ", ".join(
+                f"{u.name}={u.url}{' (default)' if u.default else ''}" for u in config.upstreams
+            ),
+        )
+
+    @app.after_serving
+    async def stop() -> None:
+        for upstream in state().upstreams.values():
+            await upstream.aclose()
+
+    @app.after_request
+    async def api_version(response: Response) -> Response:
+        response.headers.update(API_VERSION_HEADER)
+        return response
+
+    @app.errorhandler(RegistryError)
+    async def registry_error(error: RegistryError) -> Response:
+        return _error_response(error)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(error: HTTPException) -> Response:
+        status = error.code or 500
+        code = {404: "NOT_FOUND", 405: "UNSUPPORTED"}.get(status, "UNKNOWN")
+        return _error_response(RegistryError(status, code, error.description or error.name))
+
+    @app.route("/v2/", methods=["GET", "HEAD"])
+    @app.route("/v2", methods=["GET", "HEAD"])
+    async def base() -> Response:
+        return Response(b"{}", headers={"Content-Type": "application/json"})
+
+    @app.route("/v2/<path:rest>", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"])
+    async def v2(rest: str) -> Response:
+        endpoint = parse_v2_path(rest, request.method)
+        target = route(config, endpoint.name, request.args.get("ns"))
+        upstream = state().upstreams[target.upstream.name]
+        if endpoint.kind == "blob":
+            return await _blob(state(), upstream, target, endpoint)
+        if endpoint.kind == "manifest":
+            manifest = await state().manifests.get(
+                upstream, target.repo, endpoint.reference, request.headers.get("Accept", "")
+            )
+            return _manifest_response(manifest)
+        return await _passthrough(state(), upstream, target, endpoint)
+
+    return app
+
+
+def _manifest_response(manifest: CachedManifest) -> Response:
+    headers = {
+        "Content-Type": manifest.media_type,
+        "Docker-Content-Digest": manifest.digest,
+        "Content-Length": str(len(manifest.body)),
+        "ETag": f'"{manifest.digest}"',
+    }
+    body = b"" if request.method == "HEAD" else manifest.body
+    response = Response(body, headers=headers)
+    response.headers["Content-Length"] = str(len(manifest.body))
+    return response
+
+
+async def _blob(
+    state: ProxyState, upstream: Upstream, target: Route, endpoint: Endpoint
+) -> Response:
+    digest = parse_digest(endpoint.reference)
+    headers = {
+        "Docker-Content-Digest": str(digest),
+        "Accept-Ranges": "bytes",
+        "Content-Type": "application/octet-stream",
+        "ETag": f'"{digest}"',
+    }
+    # The store lookup, the registry lookup and the subscription happen without a checkpoint
+    # in between, so a download committing concurrently is seen in exactly one of the two.
+    fd = state.store.open_blob(digest)
+    if fd is not None:
+        subscriber = read_stored(digest, fd)
+    elif request.method == "HEAD":
+        download = state.downloads.get(digest)
+        size = download.size if download is not None else None
+        if size is None:
+            size = await upstream.head_blob(target.repo, str(digest))
+        if size is None:
+            raise blob_unknown(str(digest))
+        response = Response(b"", headers=headers)
+        response.headers["Content-Length"] = str(size)
+        return response
+    else:
+        subscriber = state.downloads.subscribe(
+            digest,
+            partial(upstream.open_blob, target.repo, str(digest)),
+            stall_timeout=upstream.config.read_timeout,
+        )
+    try:
+        size = await subscriber.wait_size()
+        span = parse_range(request.headers.get("Range"), size)
+    except BaseException:
+        subscriber.close()
+        raise
+    status = 200
+    start, end = 0, size
+    if span is not None:
+        start, end = span
+        subscriber.select_range(start, end)
+        status = 206
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    if request.method == "HEAD":
+        subscriber.close()
+        response = Response(b"", status=status, headers=headers)
+    else:
+        response = Response(
+            _BlobBody(subscriber, state.config.chunk_size), status=status, headers=headers
+        )
+        response.timeout = None
+    response.headers["Content-Length"] = str(end - start)
+    return response
+
+
+_LINK_PATH_RE = re.compile(r"<(/v2/)([^?>]*?)(/(?:tags/list|referrers/[^?>]*))")
+
+
+async def _passthrough(
+    state: ProxyState, upstream: Upstream, target: Route, endpoint: Endpoint
+) -> Response:
+    if endpoint.kind == "referrers":
+        parse_digest(endpoint.reference)
+        path = f"/v2/{target.repo}/referrers/{endpoint.reference}"
+        allowed: tuple[str, ...] = ("artifactType",)
+    else:
+        path = f"/v2/{target.repo}/tags/list"
+        allowed = ("n", "last")
+    params = {k: v for k, v in request.args.items() if k in allowed}
+    key = (upstream.name, path, repr(sorted(params.items())))
+    now = time.monotonic()
+    cached = state.passthrough_cache.get(key)
+    if cached is not None and cached[0] > now:
+        answer = cached[1]
+    else:
+        answer = await upstream.passthrough(target.repo, path, params)
+        if answer.status == 200:
+            if len(state.passthrough_cache) >= _PASSTHROUGH_CACHE_MAX:
+                state.passthrough_cache.clear()
+            state.passthrough_cache[key] = (now + _PASSTHROUGH_TTL, answer)
+    headers = dict(answer.headers)
+    if "Link" in headers:
+        # Pagination links name the upstream's repository; point them back at ours.
+        headers["Link"] = _LINK_PATH_RE.sub(
+            lambda m: f"<{m.group(1)}{endpoint.name}{m.group(3)}", headers["Link"]
+        )
+    body = b"" if request.method == "HEAD" else answer.body
+    response = Response(body, status=answer.status, headers=headers)
+    response.headers["Content-Length"] = str(len(answer.body))
+    return response

@@ -1,0 +1,136 @@
+"""The content-addressed cache on local disk.
+
+Layout under the root::
+
+    blobs/<alg>/<hex>                 verified blob bytes, immutable
+    manifests/<alg>/<hex>             "<media type>\\n" + the exact manifest bytes
+    tags/<upstream>/<repo>/_tags/<tag> JSON tag record (digest, media type, fetched at)
+    partial/<alg>-<hex>.<nonce>       in-flight downloads; never served as complete
+
+Everything visible under ``blobs/`` and ``manifests/`` got there by an atomic rename after the
+content was verified, so a crash at any moment leaves either the old state or the new, never a
+torn file under a content address.  Partials from a previous run are unverifiable leftovers
+and are removed at start.
+
+This is one of the two seams design.md §8 asks to keep clean (put partial, commit, open): the
+methods are synchronous and do no hashing or networking, so a shared-filesystem or object-store
+implementation can replace this class without touching the streaming core.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ._reference import Digest
+
+
+@dataclass(frozen=True, slots=True)
+class TagRecord:
+    digest: str
+    media_type: str
+    fetched_at: float  # wall-clock seconds: tag records outlive the process
+
+
+class Store:
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self._blobs = self.root / "blobs"
+        self._manifests = self.root / "manifests"
+        self._tags = self.root / "tags"
+        self.partial_dir = self.root / "partial"
+        for directory in (self._blobs, self._manifests, self._tags, self.partial_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+
+    def remove_leftover_partials(self) -> int:
+        """Delete partials of a previous run; returns how many there were."""
+        removed = 0
+        for entry in self.partial_dir.iterdir():
+            entry.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+    # -- blobs -------------------------------------------------------------------------------
+
+    def blob_path(self, digest: Digest) -> Path:
+        return self._blobs / digest.algorithm / digest.hex
+
+    def blob_size(self, digest: Digest) -> int | None:
+        try:
+            return self.blob_path(digest).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def open_blob(self, digest: Digest) -> int | None:
+        """A read-only fd on the stored blob, or None.  Open, then fstat: no stat/open race."""
+        try:
+            return os.open(self.blob_path(digest), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+
+    def new_partial(self, digest: Digest) -> Path:
+        """A fresh, unique partial path: two generations of one digest never share a file."""
+        return self.partial_dir / f"{digest.algorithm}-{digest.hex}.{secrets.token_hex(6)}"
+
+    def commit_blob(self, partial: Path, digest: Digest) -> Path:
+        """Atomically publish a verified partial (already fsynced by the caller)."""
+        final = self.blob_path(digest)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(partial, final)
+        return final
+
+    # -- manifests ---------------------------------------------------------------------------
+
+    def _manifest_path(self, digest: Digest) -> Path:
+        return self._manifests / digest.algorithm / digest.hex
+
+    def read_manifest(self, digest: Digest) -> tuple[bytes, str] | None:
+        try:
+            raw = self._manifest_path(digest).read_bytes()
+        except FileNotFoundError:
+            return None
+        media_type, _, body = raw.partition(b"\n")
+        return body, media_type.decode()
+
+    def write_manifest(self, digest: Digest, body: bytes, media_type: str) -> None:
+        _atomic_write(self._manifest_path(digest), media_type.encode() + b"\n" + body)
+
+    # -- tags --------------------------------------------------------------------------------
+
+    def _tag_path(self, upstream: str, repo: str, tag: str) -> Path:
+        # ``_tags`` cannot be a name component (components start with [a-z0-9]), so a
+        # repository ``a/b`` and a tag ``b`` of repository ``a`` can never collide.
+        return self._tags / upstream / repo / "_tags" / tag
+
+    def read_tag(self, upstream: str, repo: str, tag: str) -> TagRecord | None:
+        try:
+            data = json.loads(self._tag_path(upstream, repo, tag).read_bytes())
+            return TagRecord(
+                str(data["digest"]), str(data["media_type"]), float(data["fetched_at"])
+            )
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError):
+            return None  # a damaged record is just a cache miss
+
+    def write_tag(self, upstream: str, repo: str, tag: str, digest: str, media_type: str) -> None:
+        record = {"digest": digest, "media_type": media_type, "fetched_at": time.time()}
+        _atomic_write(self._tag_path(upstream, repo, tag), json.dumps(record).encode())
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

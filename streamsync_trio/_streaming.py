@@ -1,0 +1,454 @@
+"""Streaming single-flight downloads: one producer per blob, any number of subscribers.
+
+This module is the heart of the proxy and knows nothing of HTTP.  Its contract:
+
+* One :class:`Download` per digest while the blob is in flight, kept in a
+  :class:`DownloadRegistry`.  Its producer task runs in a nursery that outlives every request
+  (the app's), so the client that triggered a download can leave without stopping it.
+* The producer appends upstream bytes to a partial file in >= ``chunk_size`` batches (one worker
+  thread hop per batch: write + hash together), advances ``available`` and wakes subscribers.
+* Subscribers read the partial file at their own pace from their own offset.  Waking is a
+  ``send_nowait`` into a one-slot channel: the producer never blocks on a subscriber, and because
+  progress is monotonic a coalesced wake-up loses nothing.
+* Nothing is ever delivered as complete before it is verified: every subscriber holds back the
+  last byte of its range until the producer has checked length and digest.  A mismatch therefore
+  always leaves every response short of its ``Content-Length``.
+* Failure (upstream error, retries exhausted, stall, disk error, shutdown) is recorded in the
+  download, every subscriber wait is cancelled through its registered cancel scope, the partial
+  is removed and the entry leaves the registry, so the next request starts afresh.
+* Success fsyncs, renames into the store, and only then drops the registry entry: a request
+  either finds the download or the stored blob, never neither.
+
+Subscriber waits are wrapped in cancel scopes inside plain ``async def`` methods, never around a
+``yield`` (PEP 789): the HTTP body generator just calls :meth:`Subscriber.read` and lets the
+failure raise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, TypeVar
+
+import trio
+
+from ._errors import RegistryError, upstream_timeout, upstream_unavailable
+from ._reference import Digest
+
+if TYPE_CHECKING:
+    from ._store import Store
+
+log = logging.getLogger("streamsync_trio.streaming")
+
+_T = TypeVar("_T")
+
+# A batch is flushed when it reaches chunk_size, or when its oldest byte has waited this long:
+# a slow upstream must not hold the first byte back for a whole chunk (time to first byte).
+FLUSH_INTERVAL = 0.05
+
+
+class BlobBody(Protocol):
+    """What a source yields: an upstream body that starts at ``offset`` of the blob."""
+
+    @property
+    def total_size(self) -> int | None: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def chunks(self) -> AsyncIterator[bytes]: ...
+
+
+# Opens the blob at a byte offset.  The upstream may ignore the offset and start at 0.
+BlobSource = Callable[[int], AbstractAsyncContextManager[BlobBody]]
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Bounded resumption of a dropped or stalled upstream body."""
+
+    max_retries: int = 5
+    backoff_base: float = 0.5
+    backoff_cap: float = 10.0
+    # Honour an upstream Retry-After, but never wait longer than this for one attempt.
+    retry_after_cap: float = 60.0
+
+    def delay(self, attempt: int, error: RegistryError) -> float:
+        retry_after = error.headers.get("Retry-After", "")
+        if retry_after.isdigit():
+            return min(float(retry_after), self.retry_after_cap)
+        # Exponential backoff with full jitter: retries from many proxies never synchronise.
+        return random.uniform(0, min(self.backoff_cap, self.backoff_base * 2**attempt))
+
+
+def _is_transient(error: RegistryError) -> bool:
+    """Worth another attempt: the upstream was reachable but faltered, or asked us to wait."""
+    return error.status in (429, 502, 503, 504)
+
+
+class Download:
+    """The shared state of one in-flight blob.  Mutated only by its producer."""
+
+    def __init__(self, digest: Digest, path: Path) -> None:
+        self.digest = digest
+        self.path = path  # the partial; after commit, the stored blob (open fds survive rename)
+        self.size: int | None = None
+        self.available = 0  # bytes written to ``path`` and safe to read
+        self.verified = False  # length and digest checked, blob committed
+        self.failure: RegistryError | None = None
+        self.upstream_requests = 0
+        self.resumes = 0
+        self._size_known = trio.Event()  # set once size is known, or on failure
+        self._finished = trio.Event()  # set on commit or on failure
+        self._wakeups: set[trio.MemorySendChannel[None]] = set()
+        self._scopes: set[trio.CancelScope] = set()
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._wakeups)
+
+    async def wait_finished(self) -> None:
+        await self._finished.wait()
+
+    def _wake_all(self) -> None:
+        for channel in self._wakeups:
+            try:
+                channel.send_nowait(None)
+            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # a pending wake-up already tells it to look at ``available``
+
+    def _set_size(self, size: int) -> None:
+        self.size = size
+        self._size_known.set()
+
+    def _fail(self, error: RegistryError) -> None:
+        if self.failure is not None or self.verified:
+            return
+        self.failure = error
+        for scope in self._scopes:
+            scope.cancel()
+        self._size_known.set()
+        self._finished.set()
+        self._wake_all()
+
+
+class Subscriber:
+    """One reader of a download: a client response, from ``start`` to ``end`` (exclusive)."""
+
+    def __init__(self, download: Download, fd: int | None = None) -> None:
+        self.download = download
+        self.offset = 0
+        self._end: int | None = None
+        # Opened synchronously, in the same scheduling step that found the download, so the
+        # path cannot be renamed or removed in between.
+        self._fd: int | None = (
+            os.open(download.path, os.O_RDONLY | os.O_CLOEXEC) if fd is None else fd
+        )
+        self._wake_send, self._wake_receive = trio.open_memory_channel[None](1)
+        download._wakeups.add(self._wake_send)
+
+    def select_range(self, start: int, end: int) -> None:
+        """Serve only ``[start, end)`` of the blob (a Range request); before the first read."""
+        self.offset = start
+        self._end = end
+
+    async def _guarded(self, wait: Callable[[], Awaitable[_T]]) -> _T:
+        """Run one wait under a cancel scope the producer cancels when the download fails."""
+        download = self.download
+        if download.failure is not None:
+            raise download.failure
+        scope = trio.CancelScope()
+        download._scopes.add(scope)
+        try:
+            with scope:
+                return await wait()
+        finally:
+            download._scopes.discard(scope)
+        # Reached only when the producer cancelled our scope, which it does only on failure.
+        raise download.failure or RegistryError(500, "UNKNOWN", "download cancelled")
+
+    async def wait_size(self) -> int:
+        """Wait until the blob's size is known (normally: the upstream headers are in)."""
+        await self._guarded(self.download._size_known.wait)
+        if self.download.failure is not None:
+            raise self.download.failure
+        assert self.download.size is not None
+        return self.download.size
+
+    @property
+    def end(self) -> int:
+        assert self.download.size is not None, "call wait_size() first"
+        return self.download.size if self._end is None else self._end
+
+    async def read(self, max_bytes: int) -> bytes:
+        """The next bytes of the range, as soon as they are safe to send; ``b""`` at the end."""
+        download = self.download
+        end = self.end
+        while True:
+            if download.failure is not None:
+                raise download.failure
+            if self.offset >= end:
+                return b""
+            # The last byte of every range waits for verification: a client can never
+            # receive a complete body whose content was not checked.
+            limit = end if download.verified else min(download.available, end - 1)
+            if self.offset < limit:
+                fd = self._fd
+                assert fd is not None
+                count = min(max_bytes, limit - self.offset)
+                offset = self.offset
+                data = await self._guarded(
+                    partial(trio.to_thread.run_sync, os.pread, fd, count, offset)
+                )
+                if download.failure is not None:
+                    raise download.failure
+                if not data:
+                    raise RegistryError(500, "UNKNOWN", "cache file ended early")
+                self.offset += len(data)
+                return data
+            await self._guarded(self._wake_receive.receive)
+
+    def close(self) -> None:
+        """Leave the download.  Idempotent; never touches the producer."""
+        self.download._wakeups.discard(self._wake_send)
+        self._wake_send.close()
+        self._wake_receive.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        # Last line of defence: a response dropped before its body was ever iterated
+        # (client gone between handler and send) must not leak the file descriptor.
+        if self._fd is not None:
+            self.close()
+
+
+def read_stored(digest: Digest, fd: int) -> Subscriber:
+    """A subscriber over a blob already in the store: same reader, nothing in flight."""
+    size = os.fstat(fd).st_size
+    download = Download(digest, Path(f"/proc/self/fd/{fd}"))
+    download.available = size
+    download.verified = True
+    download._set_size(size)
+    download._finished.set()
+    return Subscriber(download, fd)
+
+
+class DownloadRegistry:
+    """Who is downloading which digest, and the producers that do it.
+
+    This is the second seam of design.md §8: a multi-replica version answers "who owns this
+    digest, and how do I follow it" with a shared lease instead of this dict.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        nursery: trio.Nursery,
+        *,
+        chunk_size: int = 1024 * 1024,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self._store = store
+        self._nursery = nursery
+        self._chunk_size = chunk_size
+        self._retry = retry or RetryPolicy()
+        self._downloads: dict[Digest, Download] = {}
+
+    def __len__(self) -> int:
+        return len(self._downloads)
+
+    def get(self, digest: Digest) -> Download | None:
+        return self._downloads.get(digest)
+
+    def subscribe(
+        self,
+        digest: Digest,
+        source: BlobSource,
+        *,
+        stall_timeout: float,
+    ) -> Subscriber:
+        """Join the download of ``digest``, starting one (with ``source``) if none is running.
+
+        Synchronous on purpose: looking up, creating and joining happen in one scheduling
+        step, so two requests can never both start a producer for one digest.
+        """
+        download = self._downloads.get(digest)
+        if download is None:
+            path = self._store.new_partial(digest)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            download = Download(digest, path)
+            self._downloads[digest] = download
+            self._nursery.start_soon(self._produce, download, fd, source, stall_timeout)
+        return Subscriber(download)
+
+    # -- the producer ------------------------------------------------------------------------
+
+    async def _produce(
+        self, download: Download, fd: int, source: BlobSource, stall_timeout: float
+    ) -> None:
+        """Supervise one download.  Never lets an exception escape into the app nursery."""
+        committed = False
+        try:
+            await self._fetch(download, fd, source, stall_timeout)
+            await trio.to_thread.run_sync(os.fsync, fd)
+            # The rename, the path switch and the registry removal happen in one step: a
+            # request sees either this download or the stored blob.
+            download.path = self._store.commit_blob(download.path, download.digest)
+            committed = True
+            download.verified = True
+            self._drop(download)
+            download._finished.set()
+            download._wake_all()
+            log.info(
+                "download %s committed: %d bytes, %d upstream request(s), %d subscriber(s) left",
+                download.digest,
+                download.available,
+                download.upstream_requests,
+                download.subscriber_count,
+            )
+        except RegistryError as error:
+            log.warning("download %s failed: %s", download.digest, error.message)
+            download._fail(error)
+        except OSError as exc:
+            log.error("download %s: disk error on %s: %s", download.digest, download.path, exc)
+            download._fail(RegistryError(500, "UNKNOWN", "cache write failed"))
+        except trio.Cancelled:
+            download._fail(RegistryError(503, "UNAVAILABLE", "the proxy is shutting down"))
+            raise
+        except Exception as exc:
+            log.exception("download %s: unexpected error", download.digest)
+            download._fail(RegistryError(500, "UNKNOWN", f"internal error: {type(exc).__name__}"))
+        finally:
+            os.close(fd)
+            self._drop(download)
+            if not committed:
+                download.path.unlink(missing_ok=True)
+
+    def _drop(self, download: Download) -> None:
+        if self._downloads.get(download.digest) is download:
+            del self._downloads[download.digest]
+
+    async def _fetch(
+        self, download: Download, fd: int, source: BlobSource, stall_timeout: float
+    ) -> None:
+        hasher = hashlib.new(download.digest.algorithm)
+        attempt = 0
+        while True:
+            try:
+                await self._fetch_attempt(download, fd, source, stall_timeout, hasher)
+                break
+            except RegistryError as error:
+                if not _is_transient(error) or attempt >= self._retry.max_retries:
+                    raise
+                delay = self._retry.delay(attempt, error)
+                attempt += 1
+                download.resumes += 1
+                log.info(
+                    "download %s: %s; resuming at byte %d in %.2fs (attempt %d/%d)",
+                    download.digest,
+                    error.message,
+                    download.available,
+                    delay,
+                    attempt,
+                    self._retry.max_retries,
+                )
+                await trio.sleep(delay)
+
+        if download.size is None:
+            download._set_size(download.available)
+        if download.available != download.size:
+            raise upstream_unavailable(
+                "blob", f"size mismatch: got {download.available} of {download.size} bytes"
+            )
+        if hasher.hexdigest() != download.digest.hex:
+            raise RegistryError(
+                502,
+                "DIGEST_INVALID",
+                "upstream content does not match its digest",
+                detail={"digest": str(download.digest)},
+            )
+
+    async def _fetch_attempt(
+        self,
+        download: Download,
+        fd: int,
+        source: BlobSource,
+        stall_timeout: float,
+        hasher: hashlib._Hash,
+    ) -> None:
+        download.upstream_requests += 1
+        async with source(download.available) as body:
+            if body.total_size is not None:
+                if download.size is None:
+                    download._set_size(body.total_size)
+                elif download.size != body.total_size:
+                    raise upstream_unavailable("blob", "size changed between attempts")
+            if body.offset > download.available:
+                raise upstream_unavailable("blob", "upstream resumed past the requested offset")
+            # An upstream that ignores Range starts again at 0: skip what we already have.
+            skip = download.available - body.offset
+            batch = bytearray()
+            batch_started = 0.0
+            chunks = aiter(body.chunks)
+            try:
+                while True:
+                    with trio.move_on_after(stall_timeout) as stall:
+                        chunk = await anext(chunks, None)
+                    if stall.cancelled_caught:
+                        raise upstream_timeout("blob", f"no data for {stall_timeout:g}s")
+                    if chunk is None:
+                        break
+                    if skip:
+                        dropped = min(skip, len(chunk))
+                        chunk = chunk[dropped:]
+                        skip -= dropped
+                        if not chunk:
+                            continue
+                    size = download.size
+                    if size is not None and download.available + len(batch) + len(chunk) > size:
+                        raise upstream_unavailable(
+                            "blob", "upstream sent more bytes than announced"
+                        )
+                    if not batch:
+                        batch_started = trio.current_time()
+                    batch += chunk
+                    if (
+                        len(batch) >= self._chunk_size
+                        or trio.current_time() - batch_started >= FLUSH_INTERVAL
+                    ):
+                        await self._flush(download, fd, batch, hasher)
+            except RegistryError as error:
+                # Keep what arrived intact: a resume continues from there.
+                if _is_transient(error):
+                    await self._flush(download, fd, batch, hasher)
+                raise
+            await self._flush(download, fd, batch, hasher)
+
+    async def _flush(
+        self, download: Download, fd: int, batch: bytearray, hasher: hashlib._Hash
+    ) -> None:
+        if not batch:
+            return
+        data = bytes(batch)
+        batch.clear()
+        await trio.to_thread.run_sync(_write_and_hash, fd, download.available, data, hasher)
+        download.available += len(data)
+        download._wake_all()
+
+
+def _write_and_hash(fd: int, offset: int, data: bytes, hasher: hashlib._Hash) -> None:
+    """One worker-thread hop per batch: hashlib and pwrite both release the GIL."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+    hasher.update(data)

@@ -1,0 +1,361 @@
+"""Talking to one upstream registry: auth, timeouts, and honest error mapping.
+
+The rest of the proxy never sees httpx: it gets bytes, sizes and :class:`RegistryError`.  That
+keeps the streaming core free of HTTP and lets every upstream fault reach the client as the
+status a registry client understands (404 stays 404, a dead upstream is 502, a slow one 504).
+
+Auth follows the registry token protocol: on a 401 with ``WWW-Authenticate: Bearer ...`` we fetch
+a token from the realm (anonymously, or with the configured basic credentials), cache it per scope
+until shortly before it expires, and retry once.  Credentials are only ever sent to the upstream
+host itself and to the realm its challenge names; httpx drops ``Authorization`` on redirects to
+another origin (blob GETs are commonly redirected to signed object-storage URLs).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import trio
+
+from ._config import UpstreamConfig
+from ._errors import RegistryError, upstream_timeout, upstream_unavailable
+
+log = logging.getLogger("streamsync_trio.upstream")
+
+USER_AGENT = "streamsync-trio/0.1"
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # the distribution spec's recommended manifest limit
+_TOKEN_EXPIRY_MARGIN = 10.0  # renew this many seconds early so a token never dies mid-request
+_DEFAULT_TOKEN_LIFETIME = 60.0  # the token spec's default for a missing expires_in
+
+_CHALLENGE_PARAM_RE = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
+
+
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    scheme: str  # lower-case: "bearer" or "basic"
+    params: dict[str, str]
+
+
+def parse_challenge(header: str) -> Challenge | None:
+    """Parse a ``WWW-Authenticate`` value such as ``Bearer realm="...",service="..."``."""
+    scheme, _, rest = header.strip().partition(" ")
+    if not scheme:
+        return None
+    params = {
+        key.lower(): (quoted if quoted is not None and quoted != "" else bare or quoted or "")
+        for key, quoted, bare in _CHALLENGE_PARAM_RE.findall(rest)
+    }
+    return Challenge(scheme.lower(), params)
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    body: bytes
+    media_type: str
+    upstream_digest: str | None  # what the upstream claimed in Docker-Content-Digest
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestHead:
+    digest: str | None
+    media_type: str
+    size: int | None
+
+
+@dataclass(slots=True)
+class BlobStream:
+    """An open upstream blob body starting at ``offset``."""
+
+    total_size: int | None  # size of the whole blob, when the upstream told us
+    offset: int  # where the body really starts (0 if the upstream ignored our Range)
+    chunks: AsyncIterator[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Passthrough:
+    status: int
+    body: bytes
+    headers: dict[str, str]
+
+
+class Upstream:
+    """A client for one configured upstream registry."""
+
+    def __init__(
+        self, config: UpstreamConfig, *, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        timeout = httpx.Timeout(
+            connect=config.connect_timeout,
+            read=config.read_timeout,
+            write=config.read_timeout,
+            pool=config.connect_timeout,
+        )
+        self._client = httpx.AsyncClient(
+            base_url=config.url,
+            timeout=timeout,
+            follow_redirects=True,
+            # Every in-flight blob holds a connection for its whole transfer.
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
+            headers={"User-Agent": USER_AGENT},
+            transport=transport,
+            http2=False,
+        )
+        self._tokens: dict[str, tuple[str, float]] = {}
+        self._basic_required = False
+        self._token_locks: dict[str, trio.Lock] = {}
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    # -- public operations -------------------------------------------------------------------
+
+    async def get_manifest(self, repo: str, reference: str, accept: str) -> Manifest:
+        request_headers = {"Accept": accept}
+        async with self._open(
+            "GET", f"/v2/{repo}/manifests/{reference}", repo, request_headers
+        ) as response:
+            self._raise_for_status(response, "MANIFEST_UNKNOWN", reference)
+            declared = response.headers.get("Content-Length")
+            if declared is not None and declared.isdigit() and int(declared) > MAX_MANIFEST_BYTES:
+                raise upstream_unavailable(self.name, "manifest larger than 4 MiB")
+            body = bytearray()
+            try:
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) > MAX_MANIFEST_BYTES:
+                        raise upstream_unavailable(self.name, "manifest larger than 4 MiB")
+            except httpx.HTTPError as exc:
+                raise self._transport_error(exc) from exc
+            return Manifest(
+                bytes(body),
+                _media_type(response),
+                response.headers.get("Docker-Content-Digest"),
+            )
+
+    async def head_manifest(self, repo: str, reference: str, accept: str) -> ManifestHead:
+        async with self._open(
+            "HEAD", f"/v2/{repo}/manifests/{reference}", repo, {"Accept": accept}
+        ) as response:
+            self._raise_for_status(response, "MANIFEST_UNKNOWN", reference)
+            length = response.headers.get("Content-Length")
+            return ManifestHead(
+                response.headers.get("Docker-Content-Digest"),
+                _media_type(response),
+                int(length) if length and length.isdigit() else None,
+            )
+
+    async def head_blob(self, repo: str, digest: str) -> int | None:
+        async with self._open("HEAD", f"/v2/{repo}/blobs/{digest}", repo, {}) as response:
+            self._raise_for_status(response, "BLOB_UNKNOWN", digest)
+            length = response.headers.get("Content-Length")
+            return int(length) if length and length.isdigit() else None
+
+    @asynccontextmanager
+    async def open_blob(self, repo: str, digest: str, offset: int = 0) -> AsyncIterator[BlobStream]:
+        """Open the blob body; yields once the upstream's status and headers are in."""
+        headers = {"Accept-Encoding": "identity"}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+        async with self._open("GET", f"/v2/{repo}/blobs/{digest}", repo, headers) as response:
+            self._raise_for_status(response, "BLOB_UNKNOWN", digest)
+            total: int | None = None
+            start = 0
+            if response.status_code == 206:
+                match = re.fullmatch(
+                    r"bytes (\d+)-(\d+)/(\d+|\*)", response.headers.get("Content-Range", "")
+                )
+                if match is None:
+                    raise upstream_unavailable(self.name, "206 without a usable Content-Range")
+                start = int(match.group(1))
+                total = int(match.group(3)) if match.group(3) != "*" else None
+            else:
+                length = response.headers.get("Content-Length")
+                total = int(length) if length and length.isdigit() else None
+            yield BlobStream(total, start, self._raw_chunks(response))
+
+    async def passthrough(self, repo: str, path: str, params: dict[str, str]) -> Passthrough:
+        """GET a small JSON endpoint (tags/list, referrers) and return it as the upstream said."""
+        async with self._open("GET", path, repo, {"Accept": "application/json, */*"}, params) as r:
+            if r.status_code >= 500 or r.status_code in (401, 403, 429):
+                self._raise_for_status(r, "NAME_UNKNOWN", repo)
+            body = bytearray()
+            try:
+                async for chunk in r.aiter_bytes():
+                    body += chunk
+                    if len(body) > MAX_MANIFEST_BYTES:
+                        raise upstream_unavailable(self.name, "response larger than 4 MiB")
+            except httpx.HTTPError as exc:
+                raise self._transport_error(exc) from exc
+            headers = {"Content-Type": r.headers.get("Content-Type", "application/json")}
+            if "Link" in r.headers:
+                headers["Link"] = r.headers["Link"]
+            return Passthrough(r.status_code, bytes(body), headers)
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    async def _raw_chunks(self, response: httpx.Response) -> AsyncIterator[bytes]:
+        # aiter_raw: the bytes exactly as sent, so they hash to the digest.
+        try:
+            async for chunk in response.aiter_raw():
+                yield chunk
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc) from exc
+
+    @asynccontextmanager
+    async def _open(
+        self,
+        method: str,
+        path: str,
+        repo: str,
+        headers: dict[str, str],
+        params: dict[str, str] | None = None,
+    ) -> AsyncIterator[httpx.Response]:
+        scope = f"repository:{repo}:pull"
+        response = await self._send(method, path, scope, headers, params)
+        if response.status_code == 401:
+            challenge = parse_challenge(response.headers.get("WWW-Authenticate", ""))
+            await response.aclose()
+            if challenge is not None and await self._authenticate(challenge, scope):
+                response = await self._send(method, path, scope, headers, params)
+        try:
+            yield response
+        finally:
+            await response.aclose()
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        scope: str,
+        headers: dict[str, str],
+        params: dict[str, str] | None,
+    ) -> httpx.Response:
+        headers = dict(headers)
+        authorization = self._authorization(scope)
+        if authorization:
+            headers["Authorization"] = authorization
+        request = self._client.build_request(method, path, headers=headers, params=params)
+        try:
+            return await self._client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc) from exc
+
+    def _authorization(self, scope: str) -> str | None:
+        token = self._tokens.get(scope)
+        if token is not None and token[1] > trio.current_time():
+            return f"Bearer {token[0]}"
+        if self._basic_required:
+            return self._basic_header()
+        return None
+
+    def _basic_header(self) -> str | None:
+        password = self.config.password
+        if self.config.username is None or password is None:
+            return None
+        raw = f"{self.config.username}:{password}".encode()
+        return "Basic " + base64.b64encode(raw).decode()
+
+    async def _authenticate(self, challenge: Challenge, scope: str) -> bool:
+        """React to a 401 challenge; True when a retry may now succeed."""
+        if challenge.scheme == "basic":
+            if self._basic_required or self._basic_header() is None:
+                return False
+            self._basic_required = True
+            return True
+        if challenge.scheme != "bearer" or "realm" not in challenge.params:
+            return False
+        # One token fetch per scope at a time: fifty clients hitting a cold scope together
+        # must not become fifty token requests.
+        lock = self._token_locks.setdefault(scope, trio.Lock())
+        async with lock:
+            cached = self._tokens.get(scope)
+            if cached is not None and cached[1] > trio.current_time():
+                return True
+            token, lifetime = await self._fetch_token(challenge, scope)
+        self._tokens[scope] = (token, trio.current_time() + max(lifetime - _TOKEN_EXPIRY_MARGIN, 1))
+        return True
+
+    async def _fetch_token(self, challenge: Challenge, scope: str) -> tuple[str, float]:
+        realm = challenge.params["realm"]
+        if urlsplit(realm).scheme not in ("http", "https"):
+            raise upstream_unavailable(self.name, "token realm is not an http(s) URL")
+        params = {"scope": challenge.params.get("scope") or scope}
+        if "service" in challenge.params:
+            params["service"] = challenge.params["service"]
+        headers = {}
+        basic = self._basic_header()
+        if basic is not None:
+            headers["Authorization"] = basic
+        try:
+            # No redirects: a redirected realm must not carry our credentials elsewhere.
+            response = await self._client.get(
+                realm, params=params, headers=headers, follow_redirects=False
+            )
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc) from exc
+        if response.status_code != 200:
+            log.warning("upstream %s: token realm answered %s", self.name, response.status_code)
+            raise RegistryError(
+                401 if response.status_code in (401, 403) else 502,
+                "UNAUTHORIZED" if response.status_code in (401, 403) else "UNAVAILABLE",
+                f"upstream {self.name}: token request failed with {response.status_code}",
+            )
+        try:
+            data: Any = response.json()
+            token = data.get("token") or data.get("access_token")
+            lifetime = float(data.get("expires_in") or _DEFAULT_TOKEN_LIFETIME)
+        except (ValueError, AttributeError, TypeError):
+            token = None
+        if not isinstance(token, str) or not token:
+            raise upstream_unavailable(self.name, "token realm returned no token")
+        return token, lifetime
+
+    def _raise_for_status(self, response: httpx.Response, not_found_code: str, what: str) -> None:
+        status = response.status_code
+        if status in (200, 206) or (status < 300 and response.request.method == "HEAD"):
+            return
+        retry_after = response.headers.get("Retry-After")
+        extra = {"Retry-After": retry_after} if retry_after else {}
+        if status == 404:
+            raise RegistryError(404, not_found_code, f"{what} not found upstream at {self.name}")
+        if status in (401, 403):
+            raise RegistryError(
+                401 if status == 401 else 403,
+                "UNAUTHORIZED" if status == 401 else "DENIED",
+                f"upstream {self.name} refused access ({status})",
+            )
+        if status == 429:
+            raise RegistryError(
+                429, "TOOMANYREQUESTS", f"upstream {self.name} is rate limiting", headers=extra
+            )
+        if status == 503:
+            raise RegistryError(
+                503, "UNAVAILABLE", f"upstream {self.name} is unavailable (503)", headers=extra
+            )
+        if status == 504:
+            raise upstream_timeout(self.name, "gateway timeout (504)")
+        raise upstream_unavailable(self.name, f"unexpected status {status}")
+
+    def _transport_error(self, exc: httpx.HTTPError) -> RegistryError:
+        # str(exc) of httpx errors names the URL but never headers, so no secret leaks here.
+        if isinstance(exc, httpx.TimeoutException):
+            kind = "connect" if isinstance(exc, httpx.ConnectTimeout) else "read"
+            return upstream_timeout(self.name, f"{kind} timeout")
+        if isinstance(exc, httpx.ConnectError):
+            return upstream_unavailable(self.name, "cannot connect")
+        return upstream_unavailable(self.name, f"{type(exc).__name__}: {exc}")
+
+
+def _media_type(response: httpx.Response) -> str:
+    content_type: str = response.headers.get("Content-Type", "application/octet-stream")
+    return content_type.split(";")[0].strip()

@@ -1,0 +1,26 @@
+"""The ASGI app hypercorn serves: ``hypercorn -c hypercorn.toml streamsync_trio.app:app``.
+
+The configuration is loaded at import, so a bad config stops the server at start with a
+message naming the key, instead of surfacing on the first request.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from ._config import ConfigError, load_config
+from ._http import create_app
+
+logging.basicConfig(
+    level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+)
+
+try:
+    config = load_config()
+except ConfigError as exc:
+    # A clean one-line message (hypercorn would otherwise print a long traceback around it).
+    print(f"streamsync-trio: invalid configuration: {exc}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+app = create_app(config)
