@@ -1,0 +1,416 @@
+"""The streaming core, driven without HTTP: a DownloadRegistry, subscribers and a fake upstream.
+
+Time is virtual (autojump clock): the fake upstream sends 64 KiB every 10 ms, so a 4 MiB blob
+takes 0.64 virtual seconds, and joins, stalls and drops happen at exact virtual times.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from streamsync_trio import RegistryError, UpstreamConfig
+from streamsync_trio._reference import Digest, parse_digest
+from streamsync_trio._store import Store
+from streamsync_trio._streaming import DownloadRegistry, RetryPolicy, Subscriber
+from streamsync_trio._upstream import Upstream
+
+from .fakes import Fault, FakeRegistry
+
+REPO = "library/app"
+MiB = 1024 * 1024
+CHUNK_DELAY = 0.01  # the fake sends 64 KiB per 10 ms: 6.4 MB/s
+STALL_TIMEOUT = 5.0
+
+
+@dataclass
+class Lab:
+    fake: FakeRegistry
+    store: Store
+    registry: DownloadRegistry
+    upstream: Upstream
+    nursery: trio.Nursery
+
+    def subscribe(self, digest: str) -> Subscriber:
+        return self.registry.subscribe(
+            parse_digest(digest),
+            partial(self.upstream.open_blob, REPO, digest),
+            stall_timeout=STALL_TIMEOUT,
+        )
+
+    def partials(self) -> list[Path]:
+        return list(self.store.partial_dir.iterdir())
+
+
+@asynccontextmanager
+async def lab(
+    tmp_path: Path, *, max_retries: int = 0, fake: FakeRegistry | None = None
+) -> AsyncIterator[Lab]:
+    fake = fake or FakeRegistry(chunk_delay=CHUNK_DELAY)
+    store = Store(tmp_path / "cache")
+    upstream = Upstream(
+        UpstreamConfig(name="registry.fake.test", url="https://registry.fake.test"),
+        transport=fake,
+    )
+    async with trio.open_nursery() as nursery:
+        registry = DownloadRegistry(
+            store,
+            nursery,
+            chunk_size=256 * 1024,
+            retry=RetryPolicy(max_retries=max_retries, backoff_base=0.1),
+        )
+        yield Lab(fake, store, registry, upstream, nursery)
+    await upstream.aclose()
+
+
+@dataclass
+class Outcome:
+    data: bytes
+    error: RegistryError | None
+    first_byte_at: float | None
+    ended_at: float
+
+
+async def drain(subscriber: Subscriber, *, join_at: float = 0.0) -> Outcome:
+    """Read a subscriber to its end (or failure), the way the HTTP body does."""
+    received = bytearray()
+    first: float | None = None
+    try:
+        await subscriber.wait_size()
+        while data := await subscriber.read(100_000):
+            if first is None:
+                first = trio.current_time()
+            received += data
+    except RegistryError as error:
+        return Outcome(bytes(received), error, first, trio.current_time())
+    finally:
+        subscriber.close()
+    return Outcome(bytes(received), None, first, trio.current_time())
+
+
+async def join_later(lab: Lab, digest: str, delay: float, results: list[Outcome]) -> None:
+    await trio.sleep(delay)
+    results.append(await drain(lab.subscribe(digest)))
+
+
+def blob(size: int) -> bytes:
+    return os.urandom(size)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def assert_clean(lab: Lab) -> None:
+    """Nothing of a finished download survives: no entry, no partial, no producer task."""
+    assert len(lab.registry) == 0
+    assert lab.partials() == []
+    assert lab.nursery.child_tasks == frozenset()
+
+
+async def test_three_clients_joining_at_different_times_share_one_upstream_request(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    data = blob(4 * MiB)
+    fds_before = open_fds()
+    async with lab(tmp_path) as l:
+        digest = l.fake.add_blob(data)
+        results: list[Outcome] = []
+        async with trio.open_nursery() as clients:
+            for delay in (0.0, 0.2, 0.5):  # the blob takes 0.64 s to arrive
+                clients.start_soon(join_later, l, digest, delay, results)
+        assert [r.error for r in results] == [None, None, None]
+        assert all(r.data == data for r in results)
+        assert len(l.fake.blob_gets(digest)) == 1
+        # Late joiners catch up from disk and finish with the download, not 0.64 s later.
+        ends = sorted(r.ended_at for r in results)
+        assert ends[-1] - ends[0] < 0.05
+        assert l.store.blob_size(parse_digest(digest)) == len(data)
+        await trio.testing.wait_all_tasks_blocked()
+        assert_clean(l)
+    assert open_fds() == fds_before
+
+
+async def test_bytes_stream_before_the_download_completes(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    data = blob(4 * MiB)
+    async with lab(tmp_path) as l:
+        digest = l.fake.add_blob(data)
+        outcome = await drain(l.subscribe(digest))
+        assert outcome.data == data
+        assert outcome.first_byte_at is not None
+        # First bytes after a flush interval or a chunk, not after the whole 0.64 s transfer.
+        assert outcome.first_byte_at < 0.1
+        assert outcome.ended_at >= 0.64
+
+
+async def test_a_client_that_stops_reading_delays_nobody(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    data = blob(4 * MiB)
+    async with lab(tmp_path) as l:
+        digest = l.fake.add_blob(data)
+        stuck = l.subscribe(digest)
+        await stuck.wait_size()
+        assert await stuck.read(1000)  # reads once, then never again
+        outcome = await drain(l.subscribe(digest))
+        assert outcome.data == data
+        assert outcome.ended_at < 0.7  # the upstream's pace, unaffected by the stuck reader
+        assert l.store.blob_size(parse_digest(digest)) == len(data)
+        # The stuck client can still finish later, from the committed file.
+        rest = await drain(stuck)
+        assert rest.error is None
+        assert len(rest.data) == len(data) - 1000
+
+
+async def test_fifty_clients_mean_one_upstream_request(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    data = blob(1 * MiB)
+    async with lab(tmp_path) as l:
+        digest = l.fake.add_blob(data)
+        results: list[Outcome] = []
+        async with trio.open_nursery() as clients:
+            for i in range(50):
+                clients.start_soon(join_later, l, digest, i * 0.003, results)
+        assert len(results) == 50
+        assert all(r.error is None and r.data == data for r in results)
+        assert len(l.fake.blob_gets(digest)) == 1
+
+
+async def test_upstream_drop_ends_every_subscriber_promptly_and_cleans_up(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    data = blob(4 * MiB)
+    drop_at = 1 * MiB + 12345
+    fds_before = open_fds()
+    async with lab(tmp_path, max_retries=0) as l:
+        digest = l.fake.add_blob(data)
+        l.fake.faults[digest] = [Fault(drop_at=drop_at)]
+        results: list[Outcome] = []
+        async with trio.open_nursery() as clients:
+            for delay in (0.0, 0.05, 0.1):
+                clients.start_soon(join_later, l, digest, delay, results)
+        # The drop happens at ~0.17 s (drop_at / 6.4 MB/s); everyone ends at that moment.
+        drop_time = 0.01 * (drop_at // (64 * 1024) + 1)
+        for outcome in results:
+            assert outcome.error is not None
+            assert outcome.error.status == 502
+            assert len(outcome.data) <= drop_at
+            assert outcome.data == data[: len(outcome.data)]
+            assert outcome.ended_at - drop_time < 0.02
+        assert l.store.blob_size(parse_digest(digest)) is None
+        await trio.testing.wait_all_tasks_blocked()
+        assert_clean(l)
+        # The next request starts afresh and succeeds.
+        again = await drain(l.subscribe(digest))
+        assert again.error is None and again.data == data
+        assert len(l.fake.blob_gets(digest)) == 2
+    assert open_fds() == fds_before
+
+
+async def test_corrupt_upstream_bytes_never_yield_a_complete_body(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    data = blob(2 * MiB)
+    async with lab(tmp_path) as l:
+        digest = l.fake.add_blob(data)
+        l.fake.faults[digest] = [Fault(corrupt_at=len(data) - 1)]  # even the very last byte
+        results: list[Outcome] = []
+        async with trio.open_nursery() as clients:
+            for delay in (0.0, 0.1, 0.3):
+                clients.start_soon(join_later, l, digest, delay, results)
+        for outcome in results:
+            assert outcome.error is not None
+            assert outcome.error.code == "DIGEST_INVALID"
+            assert len(outcome.data) < len(data)  # always short of Content-Length
+        assert l.store.blob_size(parse_digest(digest)) is None
+        await trio.testing.wait_all_tasks_blocked()
+        assert_clean(l)
+
+
+async def test_short_body_is_a_failure_not_a_complete_blob(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    data = blob(1 * MiB)
+    async with lab(tmp_path) as l:
+        digest = l.fake.add_blob(data)
+        l.fake.faults[digest] = [Fault(short_by=10)]
+        outcome = await drain(l.subscribe(digest))
+        assert outcome.error is not None
+        assert len(outcome.data) < len(data)
+        assert l.store.blob_size(parse_digest(digest)) is None
+
+
+@pytest.mark.parametrize(
+    ("status", "expected_status", "expected_code"),
+    [
+        (404, 404, "BLOB_UNKNOWN"),
+        (401, 401, "UNAUTHORIZED"),
+        (403, 403, "DENIED"),
+        (429, 429, "TOOMANYREQUESTS"),
+        (500, 502, "UNAVAILABLE"),
+        (503, 503, "UNAVAILABLE"),
+    ],
+)
+async def test_upstream_error_status_reaches_every_subscriber_before_any_byte(
+    tmp_path: Path,
+    autojump_clock: trio.abc.Clock,
+    status: int,
+    expected_status: int,
+    expected_code: str,
+) -> None:
+    data = blob(100_000)
+    async with lab(tmp_path, max_retries=0) as l:
+        digest = l.fake.add_blob(data)
+        l.fake.faults[digest] = [Fault(status=status)]
+        subscribers = [l.subscribe(digest) for _ in range(3)]
+        for subscriber in subscribers:
+            with pytest.raises(RegistryError) as caught:
+                await subscriber.wait_size()
+            subscriber.close()
+            assert (caught.value.status, caught.value.code) == (expected_status, expected_code)
+        await trio.testing.wait_all_tasks_blocked()
+        assert_clean(l)
+
+
+async def test_stall_past_the_read_timeout_fails_the_download(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    data = blob(1 * MiB)
+    async with lab(tmp_path, max_retries=0) as l:
+        digest = l.fake.add_blob(data)
+        l.fake.faults[digest] = [Fault(stall_at=300_000)]
+        outcome = await drain(l.subscribe(digest))
+        assert outcome.error is not None and outcome.error.status == 504
+        stalled_at = 0.01 * (300_000 // (64 * 1024) + 1)
+        assert outcome.ended_at == pytest.approx(stalled_at + STALL_TIMEOUT, abs=0.02)
+        await trio.testing.wait_all_tasks_blocked()
+        assert_clean(l)
+
+
+async def test_drop_is_resumed_with_a_range_request(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    data = blob(2 * MiB)
+    async with lab(tmp_path, max_retries=3) as l:
+        digest = l.fake.add_blob(data)
+        l.fake.faults[digest] = [Fault(drop_at=700_000), Fault(stall_at=100_000)]
+        results: list[Outcome] = []
+        async with trio.open_nursery() as clients:
+            for delay in (0.0, 0.5):
+                clients.start_soon(join_later, l, digest, delay, results)
+        assert all(r.error is None and r.data == data for r in results)
+        gets = l.fake.blob_gets(digest)
+        assert len(gets) == 3
+        assert "Range" not in gets[0].headers
+        # Batches before the drop were kept, so the resume asks for what is missing only.
+        first_resume = int(gets[1].headers["Range"].removeprefix("bytes=").rstrip("-"))
+        second_resume = int(gets[2].headers["Range"].removeprefix("bytes=").rstrip("-"))
+        assert 0 < first_resume <= 700_000
+        assert first_resume < second_resume <= first_resume + 100_000
+
+
+async def test_upstream_that_ignores_range_restarts_without_corrupting_anyone(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    data = blob(2 * MiB)
+    async with lab(tmp_path, max_retries=2) as l:
+        digest = l.fake.add_blob(data)
+        l.fake.faults[digest] = [Fault(drop_at=1 * MiB), Fault(ignore_range=True)]
+        outcome = await drain(l.subscribe(digest))
+        assert outcome.error is None
+        assert hashlib.sha256(outcome.data).hexdigest() == digest.removeprefix("sha256:")
+
+
+async def test_client_disconnect_never_cancels_the_download(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    data = blob(2 * MiB)
+    async with lab(tmp_path) as l:
+        digest = l.fake.add_blob(data)
+        subscriber = l.subscribe(digest)
+        await subscriber.wait_size()
+        await subscriber.read(1000)
+        subscriber.close()  # the only client goes away
+        download = l.registry.get(parse_digest(digest))
+        assert download is not None
+        await download.wait_finished()
+        assert download.verified
+        assert l.store.blob_size(parse_digest(digest)) == len(data)
+        stored = l.store.blob_path(parse_digest(digest)).read_bytes()
+        assert stored == data
+
+
+async def test_range_of_an_in_flight_blob_is_served_as_bytes_arrive(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    data = blob(4 * MiB)
+    async with lab(tmp_path) as l:
+        digest = l.fake.add_blob(data)
+        first = l.subscribe(digest)
+        await first.wait_size()
+        ranged = l.subscribe(digest)
+        await ranged.wait_size()
+        ranged.select_range(1 * MiB, 1 * MiB + 1000)
+        middle = await drain(ranged)
+        assert middle.data == data[1 * MiB : 1 * MiB + 1000]
+        # Even a range that ends mid-blob waits for verification of the whole blob.
+        assert middle.ended_at >= 0.64
+        assert (await drain(first)).data == data
+
+
+async def test_disk_error_fails_the_download_cleanly(
+    tmp_path: Path, autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = blob(1 * MiB)
+    calls = 0
+    real_pwrite = os.pwrite
+
+    def failing_pwrite(fd: int, buffer: memoryview, offset: int) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise OSError(28, "No space left on device")
+        return real_pwrite(fd, buffer, offset)
+
+    async with lab(tmp_path) as l:
+        digest = l.fake.add_blob(data)
+        monkeypatch.setattr(os, "pwrite", failing_pwrite)
+        outcome = await drain(l.subscribe(digest))
+        monkeypatch.undo()
+        assert outcome.error is not None and outcome.error.status == 500
+        await trio.testing.wait_all_tasks_blocked()
+        assert_clean(l)
+        assert (await drain(l.subscribe(digest))).data == data
+
+
+async def test_shutdown_cancels_producers_and_removes_partials(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    data = blob(4 * MiB)
+    results: list[Outcome] = []
+    async with lab(tmp_path) as l:
+        digest = l.fake.add_blob(data)
+        l.nursery.start_soon(join_later, l, digest, 0.0, results)
+        await trio.sleep(0.2)
+        l.nursery.cancel_scope.cancel()
+    assert results == [] or results[0].error is not None
+    assert l.partials() == []
+    assert l.store.blob_size(parse_digest(digest)) is None
+
+
+def test_digest_dataclass_is_the_registry_key() -> None:
+    digest = parse_digest("sha256:" + "a" * 64)
+    assert digest == Digest("sha256", "a" * 64)
+    assert str(digest) == "sha256:" + "a" * 64
