@@ -36,6 +36,7 @@ class UpstreamConfig:
     tag_ttl: float = 300.0
     connect_timeout: float = 10.0
     read_timeout: float = 30.0
+    max_retries: int = 5  # resumptions of one blob download before its clients see the error
     # Docker Hub stores official images under ``library/``; clients send bare ``alpine``.
     implicit_library: bool = False
 
@@ -198,9 +199,12 @@ def _parse_upstream(raw: Any, index: int) -> UpstreamConfig:
         tag_ttl=float(table.get("tag_ttl", (int, float), 300)),
         connect_timeout=table.positive_number("connect_timeout", 10.0),
         read_timeout=table.positive_number("read_timeout", 30.0),
+        max_retries=table.get("max_retries", int, 5),
         implicit_library=table.get("implicit_library", bool, name == "docker.io"),
     )
     if upstream.tag_ttl < 0:
         raise ConfigError(f"upstream[{index}].tag_ttl: must be >= 0")
+    if not 0 <= upstream.max_retries <= 100:
+        raise ConfigError(f"upstream[{index}].max_retries: must be between 0 and 100")
     table.finish()
     return upstream

@@ -34,7 +34,7 @@ from ._ranges import parse_range
 from ._reference import Endpoint, parse_digest, parse_v2_path
 from ._routing import Route, route
 from ._store import Store
-from ._streaming import DownloadRegistry, Subscriber, read_stored
+from ._streaming import DownloadRegistry, RetryPolicy, Subscriber, read_stored
 from ._upstream import Upstream
 
 log = logging.getLogger("streamsync_trio.http")
@@ -210,6 +210,7 @@ async def _blob(
             digest,
             partial(upstream.open_blob, target.repo, str(digest)),
             stall_timeout=upstream.config.read_timeout,
+            retry=RetryPolicy(max_retries=upstream.config.max_retries),
         )
     try:
         size = await subscriber.wait_size()

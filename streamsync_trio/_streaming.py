@@ -254,12 +254,10 @@ class DownloadRegistry:
         nursery: trio.Nursery,
         *,
         chunk_size: int = 1024 * 1024,
-        retry: RetryPolicy | None = None,
     ) -> None:
         self._store = store
         self._nursery = nursery
         self._chunk_size = chunk_size
-        self._retry = retry or RetryPolicy()
         self._downloads: dict[Digest, Download] = {}
 
     def __len__(self) -> int:
@@ -274,6 +272,7 @@ class DownloadRegistry:
         source: BlobSource,
         *,
         stall_timeout: float,
+        retry: RetryPolicy,
     ) -> Subscriber:
         """Join the download of ``digest``, starting one (with ``source``) if none is running.
 
@@ -286,18 +285,25 @@ class DownloadRegistry:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             download = Download(digest, path)
             self._downloads[digest] = download
-            self._nursery.start_soon(self._produce, download, fd, source, stall_timeout)
+            self._nursery.start_soon(
+                self._produce, download, fd, source, stall_timeout, retry
+            )
         return Subscriber(download)
 
     # -- the producer ------------------------------------------------------------------------
 
     async def _produce(
-        self, download: Download, fd: int, source: BlobSource, stall_timeout: float
+        self,
+        download: Download,
+        fd: int,
+        source: BlobSource,
+        stall_timeout: float,
+        retry: RetryPolicy,
     ) -> None:
         """Supervise one download.  Never lets an exception escape into the app nursery."""
         committed = False
         try:
-            await self._fetch(download, fd, source, stall_timeout)
+            await self._fetch(download, fd, source, stall_timeout, retry)
             await trio.to_thread.run_sync(os.fsync, fd)
             # The rename, the path switch and the registry removal happen in one step: a
             # request sees either this download or the stored blob.
@@ -337,7 +343,12 @@ class DownloadRegistry:
             del self._downloads[download.digest]
 
     async def _fetch(
-        self, download: Download, fd: int, source: BlobSource, stall_timeout: float
+        self,
+        download: Download,
+        fd: int,
+        source: BlobSource,
+        stall_timeout: float,
+        retry: RetryPolicy,
     ) -> None:
         hasher = hashlib.new(download.digest.algorithm)
         attempt = 0
@@ -346,9 +357,9 @@ class DownloadRegistry:
                 await self._fetch_attempt(download, fd, source, stall_timeout, hasher)
                 break
             except RegistryError as error:
-                if not _is_transient(error) or attempt >= self._retry.max_retries:
+                if not _is_transient(error) or attempt >= retry.max_retries:
                     raise
-                delay = self._retry.delay(attempt, error)
+                delay = retry.delay(attempt, error)
                 attempt += 1
                 download.resumes += 1
                 log.info(
@@ -358,7 +369,7 @@ class DownloadRegistry:
                     download.available,
                     delay,
                     attempt,
-                    self._retry.max_retries,
+                    retry.max_retries,
                 )
                 await trio.sleep(delay)
 

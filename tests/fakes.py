@@ -168,7 +168,7 @@ class FakeRegistry(httpx.AsyncBaseTransport):
         return _error(404, "NOT_FOUND")
 
     def _authorized(self, request: httpx.Request) -> bool:
-        header = request.headers.get("Authorization", "")
+        header: str = request.headers.get("Authorization", "")
         if self.auth == "bearer":
             return header.removeprefix("Bearer ") in self._valid_tokens
         if self.auth == "basic":

@@ -40,11 +40,14 @@ class Lab:
     upstream: Upstream
     nursery: trio.Nursery
 
+    retry: RetryPolicy
+
     def subscribe(self, digest: str) -> Subscriber:
         return self.registry.subscribe(
             parse_digest(digest),
             partial(self.upstream.open_blob, REPO, digest),
             stall_timeout=STALL_TIMEOUT,
+            retry=self.retry,
         )
 
     def partials(self) -> list[Path]:
@@ -62,13 +65,9 @@ async def lab(
         transport=fake,
     )
     async with trio.open_nursery() as nursery:
-        registry = DownloadRegistry(
-            store,
-            nursery,
-            chunk_size=256 * 1024,
-            retry=RetryPolicy(max_retries=max_retries, backoff_base=0.1),
-        )
-        yield Lab(fake, store, registry, upstream, nursery)
+        registry = DownloadRegistry(store, nursery, chunk_size=256 * 1024)
+        retry = RetryPolicy(max_retries=max_retries, backoff_base=0.1)
+        yield Lab(fake, store, registry, upstream, nursery, retry)
     await upstream.aclose()
 
 
