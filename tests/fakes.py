@@ -61,7 +61,9 @@ class _Body(httpx.AsyncByteStream):
             if self._chunk_delay:
                 await trio.sleep(self._chunk_delay)
             chunk = self._data[position : min(position + self._chunk_size, end)]
-            if fault.corrupt_at is not None and position <= fault.corrupt_at < position + len(chunk):
+            if fault.corrupt_at is not None and position <= fault.corrupt_at < position + len(
+                chunk
+            ):
                 index = fault.corrupt_at - position
                 chunk = chunk[:index] + bytes([chunk[index] ^ 0xFF]) + chunk[index + 1 :]
             for limit, action in ((fault.drop_at, "drop"), (fault.stall_at, "stall")):
