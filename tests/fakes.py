@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import httpx
 import trio
+import trio.lowlevel
 
 REALM = "https://auth.fake.test/token"
 CDN = "https://cdn.fake.test"
@@ -140,7 +141,7 @@ class FakeRegistry(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request)
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         if self.down:
             raise httpx.ConnectError("connection refused by fake upstream")
         url = request.url

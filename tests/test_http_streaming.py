@@ -25,7 +25,7 @@ from streamsync_trio._http import ProxyState
 from streamsync_trio._reference import parse_digest
 
 from .conftest import make_config
-from .fakes import Fault, FakeRegistry
+from .fakes import FakeRegistry, Fault
 
 MiB = 1024 * 1024
 
@@ -224,7 +224,7 @@ async def test_stored_blob_is_served_with_ranges_and_416(tmp_path: Path) -> None
     async with running_proxy(tmp_path, fake) as proxy, httpx.AsyncClient() as client:
         await fetch(client, proxy.blob_url(digest))
         await proxy.wait_stored(digest)
-        response, body = await fetch(client, proxy.blob_url(digest))
+        _, body = await fetch(client, proxy.blob_url(digest))
         assert body == data
         partial_response = await client.get(proxy.blob_url(digest), headers={"Range": "bytes=-100"})
         assert partial_response.status_code == 206

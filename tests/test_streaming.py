@@ -24,7 +24,7 @@ from streamsync_trio._store import Store
 from streamsync_trio._streaming import DownloadRegistry, RetryPolicy, Subscriber
 from streamsync_trio._upstream import Upstream
 
-from .fakes import Fault, FakeRegistry
+from .fakes import FakeRegistry, Fault
 
 REPO = "library/app"
 MiB = 1024 * 1024
@@ -55,7 +55,7 @@ class Lab:
 
 
 @asynccontextmanager
-async def lab(
+async def open_lab(
     tmp_path: Path, *, max_retries: int = 0, fake: FakeRegistry | None = None
 ) -> AsyncIterator[Lab]:
     fake = fake or FakeRegistry(chunk_delay=CHUNK_DELAY)
@@ -121,21 +121,21 @@ async def test_three_clients_joining_at_different_times_share_one_upstream_reque
 ) -> None:
     data = blob(4 * MiB)
     fds_before = open_fds()
-    async with lab(tmp_path) as l:
-        digest = l.fake.add_blob(data)
+    async with open_lab(tmp_path) as lab:
+        digest = lab.fake.add_blob(data)
         results: list[Outcome] = []
         async with trio.open_nursery() as clients:
             for delay in (0.0, 0.2, 0.5):  # the blob takes 0.64 s to arrive
-                clients.start_soon(join_later, l, digest, delay, results)
+                clients.start_soon(join_later, lab, digest, delay, results)
         assert [r.error for r in results] == [None, None, None]
         assert all(r.data == data for r in results)
-        assert len(l.fake.blob_gets(digest)) == 1
+        assert len(lab.fake.blob_gets(digest)) == 1
         # Late joiners catch up from disk and finish with the download, not 0.64 s later.
         ends = sorted(r.ended_at for r in results)
         assert ends[-1] - ends[0] < 0.05
-        assert l.store.blob_size(parse_digest(digest)) == len(data)
+        assert lab.store.blob_size(parse_digest(digest)) == len(data)
         await trio.testing.wait_all_tasks_blocked()
-        assert_clean(l)
+        assert_clean(lab)
     assert open_fds() == fds_before
 
 
@@ -143,9 +143,9 @@ async def test_bytes_stream_before_the_download_completes(
     tmp_path: Path, autojump_clock: trio.abc.Clock
 ) -> None:
     data = blob(4 * MiB)
-    async with lab(tmp_path) as l:
-        digest = l.fake.add_blob(data)
-        outcome = await drain(l.subscribe(digest))
+    async with open_lab(tmp_path) as lab:
+        digest = lab.fake.add_blob(data)
+        outcome = await drain(lab.subscribe(digest))
         assert outcome.data == data
         assert outcome.first_byte_at is not None
         # First bytes after a flush interval or a chunk, not after the whole 0.64 s transfer.
@@ -157,15 +157,15 @@ async def test_a_client_that_stops_reading_delays_nobody(
     tmp_path: Path, autojump_clock: trio.abc.Clock
 ) -> None:
     data = blob(4 * MiB)
-    async with lab(tmp_path) as l:
-        digest = l.fake.add_blob(data)
-        stuck = l.subscribe(digest)
+    async with open_lab(tmp_path) as lab:
+        digest = lab.fake.add_blob(data)
+        stuck = lab.subscribe(digest)
         await stuck.wait_size()
         assert await stuck.read(1000)  # reads once, then never again
-        outcome = await drain(l.subscribe(digest))
+        outcome = await drain(lab.subscribe(digest))
         assert outcome.data == data
         assert outcome.ended_at < 0.7  # the upstream's pace, unaffected by the stuck reader
-        assert l.store.blob_size(parse_digest(digest)) == len(data)
+        assert lab.store.blob_size(parse_digest(digest)) == len(data)
         # The stuck client can still finish later, from the committed file.
         rest = await drain(stuck)
         assert rest.error is None
@@ -176,15 +176,15 @@ async def test_fifty_clients_mean_one_upstream_request(
     tmp_path: Path, autojump_clock: trio.abc.Clock
 ) -> None:
     data = blob(1 * MiB)
-    async with lab(tmp_path) as l:
-        digest = l.fake.add_blob(data)
+    async with open_lab(tmp_path) as lab:
+        digest = lab.fake.add_blob(data)
         results: list[Outcome] = []
         async with trio.open_nursery() as clients:
             for i in range(50):
-                clients.start_soon(join_later, l, digest, i * 0.003, results)
+                clients.start_soon(join_later, lab, digest, i * 0.003, results)
         assert len(results) == 50
         assert all(r.error is None and r.data == data for r in results)
-        assert len(l.fake.blob_gets(digest)) == 1
+        assert len(lab.fake.blob_gets(digest)) == 1
 
 
 async def test_upstream_drop_ends_every_subscriber_promptly_and_cleans_up(
@@ -193,13 +193,13 @@ async def test_upstream_drop_ends_every_subscriber_promptly_and_cleans_up(
     data = blob(4 * MiB)
     drop_at = 1 * MiB + 12345
     fds_before = open_fds()
-    async with lab(tmp_path, max_retries=0) as l:
-        digest = l.fake.add_blob(data)
-        l.fake.faults[digest] = [Fault(drop_at=drop_at)]
+    async with open_lab(tmp_path, max_retries=0) as lab:
+        digest = lab.fake.add_blob(data)
+        lab.fake.faults[digest] = [Fault(drop_at=drop_at)]
         results: list[Outcome] = []
         async with trio.open_nursery() as clients:
             for delay in (0.0, 0.05, 0.1):
-                clients.start_soon(join_later, l, digest, delay, results)
+                clients.start_soon(join_later, lab, digest, delay, results)
         # The drop happens at ~0.17 s (drop_at / 6.4 MB/s); everyone ends at that moment.
         drop_time = 0.01 * (drop_at // (64 * 1024) + 1)
         for outcome in results:
@@ -208,13 +208,13 @@ async def test_upstream_drop_ends_every_subscriber_promptly_and_cleans_up(
             assert len(outcome.data) <= drop_at
             assert outcome.data == data[: len(outcome.data)]
             assert outcome.ended_at - drop_time < 0.02
-        assert l.store.blob_size(parse_digest(digest)) is None
+        assert lab.store.blob_size(parse_digest(digest)) is None
         await trio.testing.wait_all_tasks_blocked()
-        assert_clean(l)
+        assert_clean(lab)
         # The next request starts afresh and succeeds.
-        again = await drain(l.subscribe(digest))
+        again = await drain(lab.subscribe(digest))
         assert again.error is None and again.data == data
-        assert len(l.fake.blob_gets(digest)) == 2
+        assert len(lab.fake.blob_gets(digest)) == 2
     assert open_fds() == fds_before
 
 
@@ -222,33 +222,33 @@ async def test_corrupt_upstream_bytes_never_yield_a_complete_body(
     tmp_path: Path, autojump_clock: trio.abc.Clock
 ) -> None:
     data = blob(2 * MiB)
-    async with lab(tmp_path) as l:
-        digest = l.fake.add_blob(data)
-        l.fake.faults[digest] = [Fault(corrupt_at=len(data) - 1)]  # even the very last byte
+    async with open_lab(tmp_path) as lab:
+        digest = lab.fake.add_blob(data)
+        lab.fake.faults[digest] = [Fault(corrupt_at=len(data) - 1)]  # even the very last byte
         results: list[Outcome] = []
         async with trio.open_nursery() as clients:
             for delay in (0.0, 0.1, 0.3):
-                clients.start_soon(join_later, l, digest, delay, results)
+                clients.start_soon(join_later, lab, digest, delay, results)
         for outcome in results:
             assert outcome.error is not None
             assert outcome.error.code == "DIGEST_INVALID"
             assert len(outcome.data) < len(data)  # always short of Content-Length
-        assert l.store.blob_size(parse_digest(digest)) is None
+        assert lab.store.blob_size(parse_digest(digest)) is None
         await trio.testing.wait_all_tasks_blocked()
-        assert_clean(l)
+        assert_clean(lab)
 
 
 async def test_short_body_is_a_failure_not_a_complete_blob(
     tmp_path: Path, autojump_clock: trio.abc.Clock
 ) -> None:
     data = blob(1 * MiB)
-    async with lab(tmp_path) as l:
-        digest = l.fake.add_blob(data)
-        l.fake.faults[digest] = [Fault(short_by=10)]
-        outcome = await drain(l.subscribe(digest))
+    async with open_lab(tmp_path) as lab:
+        digest = lab.fake.add_blob(data)
+        lab.fake.faults[digest] = [Fault(short_by=10)]
+        outcome = await drain(lab.subscribe(digest))
         assert outcome.error is not None
         assert len(outcome.data) < len(data)
-        assert l.store.blob_size(parse_digest(digest)) is None
+        assert lab.store.blob_size(parse_digest(digest)) is None
 
 
 @pytest.mark.parametrize(
@@ -270,47 +270,47 @@ async def test_upstream_error_status_reaches_every_subscriber_before_any_byte(
     expected_code: str,
 ) -> None:
     data = blob(100_000)
-    async with lab(tmp_path, max_retries=0) as l:
-        digest = l.fake.add_blob(data)
-        l.fake.faults[digest] = [Fault(status=status)]
-        subscribers = [l.subscribe(digest) for _ in range(3)]
+    async with open_lab(tmp_path, max_retries=0) as lab:
+        digest = lab.fake.add_blob(data)
+        lab.fake.faults[digest] = [Fault(status=status)]
+        subscribers = [lab.subscribe(digest) for _ in range(3)]
         for subscriber in subscribers:
             with pytest.raises(RegistryError) as caught:
                 await subscriber.wait_size()
             subscriber.close()
             assert (caught.value.status, caught.value.code) == (expected_status, expected_code)
         await trio.testing.wait_all_tasks_blocked()
-        assert_clean(l)
+        assert_clean(lab)
 
 
 async def test_stall_past_the_read_timeout_fails_the_download(
     tmp_path: Path, autojump_clock: trio.abc.Clock
 ) -> None:
     data = blob(1 * MiB)
-    async with lab(tmp_path, max_retries=0) as l:
-        digest = l.fake.add_blob(data)
-        l.fake.faults[digest] = [Fault(stall_at=300_000)]
-        outcome = await drain(l.subscribe(digest))
+    async with open_lab(tmp_path, max_retries=0) as lab:
+        digest = lab.fake.add_blob(data)
+        lab.fake.faults[digest] = [Fault(stall_at=300_000)]
+        outcome = await drain(lab.subscribe(digest))
         assert outcome.error is not None and outcome.error.status == 504
         stalled_at = 0.01 * (300_000 // (64 * 1024) + 1)
         assert outcome.ended_at == pytest.approx(stalled_at + STALL_TIMEOUT, abs=0.02)
         await trio.testing.wait_all_tasks_blocked()
-        assert_clean(l)
+        assert_clean(lab)
 
 
 async def test_drop_is_resumed_with_a_range_request(
     tmp_path: Path, autojump_clock: trio.abc.Clock
 ) -> None:
     data = blob(2 * MiB)
-    async with lab(tmp_path, max_retries=3) as l:
-        digest = l.fake.add_blob(data)
-        l.fake.faults[digest] = [Fault(drop_at=700_000), Fault(stall_at=100_000)]
+    async with open_lab(tmp_path, max_retries=3) as lab:
+        digest = lab.fake.add_blob(data)
+        lab.fake.faults[digest] = [Fault(drop_at=700_000), Fault(stall_at=100_000)]
         results: list[Outcome] = []
         async with trio.open_nursery() as clients:
             for delay in (0.0, 0.5):
-                clients.start_soon(join_later, l, digest, delay, results)
+                clients.start_soon(join_later, lab, digest, delay, results)
         assert all(r.error is None and r.data == data for r in results)
-        gets = l.fake.blob_gets(digest)
+        gets = lab.fake.blob_gets(digest)
         assert len(gets) == 3
         assert "Range" not in gets[0].headers
         # Batches before the drop were kept, so the resume asks for what is missing only.
@@ -324,10 +324,10 @@ async def test_upstream_that_ignores_range_restarts_without_corrupting_anyone(
     tmp_path: Path, autojump_clock: trio.abc.Clock
 ) -> None:
     data = blob(2 * MiB)
-    async with lab(tmp_path, max_retries=2) as l:
-        digest = l.fake.add_blob(data)
-        l.fake.faults[digest] = [Fault(drop_at=1 * MiB), Fault(ignore_range=True)]
-        outcome = await drain(l.subscribe(digest))
+    async with open_lab(tmp_path, max_retries=2) as lab:
+        digest = lab.fake.add_blob(data)
+        lab.fake.faults[digest] = [Fault(drop_at=1 * MiB), Fault(ignore_range=True)]
+        outcome = await drain(lab.subscribe(digest))
         assert outcome.error is None
         assert hashlib.sha256(outcome.data).hexdigest() == digest.removeprefix("sha256:")
 
@@ -336,18 +336,18 @@ async def test_client_disconnect_never_cancels_the_download(
     tmp_path: Path, autojump_clock: trio.abc.Clock
 ) -> None:
     data = blob(2 * MiB)
-    async with lab(tmp_path) as l:
-        digest = l.fake.add_blob(data)
-        subscriber = l.subscribe(digest)
+    async with open_lab(tmp_path) as lab:
+        digest = lab.fake.add_blob(data)
+        subscriber = lab.subscribe(digest)
         await subscriber.wait_size()
         await subscriber.read(1000)
         subscriber.close()  # the only client goes away
-        download = l.registry.get(parse_digest(digest))
+        download = lab.registry.get(parse_digest(digest))
         assert download is not None
         await download.wait_finished()
         assert download.verified
-        assert l.store.blob_size(parse_digest(digest)) == len(data)
-        stored = l.store.blob_path(parse_digest(digest)).read_bytes()
+        assert lab.store.blob_size(parse_digest(digest)) == len(data)
+        stored = lab.store.blob_path(parse_digest(digest)).read_bytes()
         assert stored == data
 
 
@@ -355,11 +355,11 @@ async def test_range_of_an_in_flight_blob_is_served_as_bytes_arrive(
     tmp_path: Path, autojump_clock: trio.abc.Clock
 ) -> None:
     data = blob(4 * MiB)
-    async with lab(tmp_path) as l:
-        digest = l.fake.add_blob(data)
-        first = l.subscribe(digest)
+    async with open_lab(tmp_path) as lab:
+        digest = lab.fake.add_blob(data)
+        first = lab.subscribe(digest)
         await first.wait_size()
-        ranged = l.subscribe(digest)
+        ranged = lab.subscribe(digest)
         await ranged.wait_size()
         ranged.select_range(1 * MiB, 1 * MiB + 1000)
         middle = await drain(ranged)
@@ -383,15 +383,15 @@ async def test_disk_error_fails_the_download_cleanly(
             raise OSError(28, "No space left on device")
         return real_pwrite(fd, buffer, offset)
 
-    async with lab(tmp_path) as l:
-        digest = l.fake.add_blob(data)
+    async with open_lab(tmp_path) as lab:
+        digest = lab.fake.add_blob(data)
         monkeypatch.setattr(os, "pwrite", failing_pwrite)
-        outcome = await drain(l.subscribe(digest))
+        outcome = await drain(lab.subscribe(digest))
         monkeypatch.undo()
         assert outcome.error is not None and outcome.error.status == 500
         await trio.testing.wait_all_tasks_blocked()
-        assert_clean(l)
-        assert (await drain(l.subscribe(digest))).data == data
+        assert_clean(lab)
+        assert (await drain(lab.subscribe(digest))).data == data
 
 
 async def test_shutdown_cancels_producers_and_removes_partials(
@@ -399,14 +399,14 @@ async def test_shutdown_cancels_producers_and_removes_partials(
 ) -> None:
     data = blob(4 * MiB)
     results: list[Outcome] = []
-    async with lab(tmp_path) as l:
-        digest = l.fake.add_blob(data)
-        l.nursery.start_soon(join_later, l, digest, 0.0, results)
+    async with open_lab(tmp_path) as lab:
+        digest = lab.fake.add_blob(data)
+        lab.nursery.start_soon(join_later, lab, digest, 0.0, results)
         await trio.sleep(0.2)
-        l.nursery.cancel_scope.cancel()
+        lab.nursery.cancel_scope.cancel()
     assert results == [] or results[0].error is not None
-    assert l.partials() == []
-    assert l.store.blob_size(parse_digest(digest)) is None
+    assert lab.partials() == []
+    assert lab.store.blob_size(parse_digest(digest)) is None
 
 
 def test_digest_dataclass_is_the_registry_key() -> None:
