@@ -1,0 +1,209 @@
+"""A loopback lab for benchmarks: a real upstream registry, a WAN stand-in, and the proxy.
+
+* ``docker-registry`` (CNCF Distribution) with filesystem storage: the upstream.
+* nginx in front of it, limiting each connection to a rate (``limit_rate``), with an access
+  log of bytes sent: the WAN link, and the meter of upstream bytes.
+* streamsync-trio started exactly as the README says (hypercorn + hypercorn.toml).
+
+Every process is started here, listens on 127.0.0.1 on a port chosen free at run time, and is
+stopped through the PID we hold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def require(*tools: str) -> None:
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        sys.exit(
+            f"bench: missing {', '.join(missing)}; install with: "
+            "apt-get install -y docker-registry skopeo nginx-light"
+        )
+
+
+def wait_http(url: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            httpx.get(url, timeout=1.0)
+            return
+        except httpx.HTTPError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def process(args: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[int]:
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+    try:
+        yield proc.pid
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass
+class Upstream:
+    registry_url: str  # direct
+    wan_url: str  # through nginx, rate limited
+    access_log: Path
+
+    def upstream_bytes(self, path_fragment: str = "/blobs/") -> int:
+        """Bytes nginx sent for requests whose path contains ``path_fragment``."""
+        total = 0
+        for line in self.access_log.read_text().splitlines():
+            method, path, status, sent = line.split(" ")
+            if path_fragment in path and method == "GET":
+                total += int(sent)
+        return total
+
+
+@contextlib.contextmanager
+def upstream(workdir: Path, rate: str) -> Iterator[Upstream]:
+    """Distribution behind nginx limiting each connection to ``rate`` (nginx syntax: 40m)."""
+    registry_port, wan_port = free_port(), free_port()
+    (workdir / "registry").mkdir(parents=True, exist_ok=True)
+    registry_config = workdir / "registry.yml"
+    registry_config.write_text(
+        "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n"
+        f"storage:\n  filesystem:\n    rootdirectory: {workdir / 'registry'}\n"
+        f"http:\n  addr: 127.0.0.1:{registry_port}\n"
+    )
+    access_log = workdir / "nginx-access.log"
+    access_log.write_text("")
+    nginx_config = workdir / "nginx.conf"
+    nginx_config.write_text(
+        f"""
+worker_processes 1;
+daemon off;
+pid {workdir}/nginx.pid;
+error_log {workdir}/nginx-error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    log_format bytes '$request_method $request_uri $status $body_bytes_sent';
+    access_log {access_log} bytes;
+    client_body_temp_path {workdir}/nginx-body;
+    proxy_temp_path {workdir}/nginx-proxy;
+    fastcgi_temp_path {workdir}/nginx-fastcgi;
+    uwsgi_temp_path {workdir}/nginx-uwsgi;
+    scgi_temp_path {workdir}/nginx-scgi;
+    client_max_body_size 0;
+    server {{
+        listen 127.0.0.1:{wan_port};
+        location / {{
+            proxy_pass http://127.0.0.1:{registry_port};
+            proxy_http_version 1.1;
+            proxy_set_header Host $http_host;
+            proxy_max_temp_file_size 0;
+            limit_rate {rate};
+        }}
+    }}
+}}
+"""
+    )
+    with (
+        process(["docker-registry", "serve", str(registry_config)], workdir / "registry.log"),
+        process(["nginx", "-c", str(nginx_config), "-p", str(workdir)], workdir / "nginx.log"),
+    ):
+        registry_url = f"http://127.0.0.1:{registry_port}"
+        wan_url = f"http://127.0.0.1:{wan_port}"
+        wait_http(registry_url + "/v2/")
+        wait_http(wan_url + "/v2/")
+        yield Upstream(registry_url, wan_url, access_log)
+
+
+def push_blob(registry_url: str, repo: str, size: int) -> str:
+    """Upload a random blob of ``size`` bytes (monolithic upload) and return its digest."""
+    data = os.urandom(size)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    with httpx.Client(base_url=registry_url, timeout=120) as client:
+        start = client.post(f"/v2/{repo}/blobs/uploads/")
+        start.raise_for_status()
+        location = start.headers["Location"]
+        # The Location carries upload state in its query: append, do not replace.
+        separator = "&" if "?" in location else "?"
+        put = client.put(f"{location}{separator}digest={digest}", content=data)
+        put.raise_for_status()
+    return digest
+
+
+@dataclass
+class Proxy:
+    url: str
+    pid: int
+    cache: Path
+
+
+@contextlib.contextmanager
+def proxy(workdir: Path, upstream_url: str, *, chunk_size: int = 1024 * 1024) -> Iterator[Proxy]:
+    port = free_port()
+    name = upstream_url.removeprefix("http://")
+    cache = workdir / "proxy-cache"
+    config = workdir / "streamsync.toml"
+    config.write_text(
+        f'[storage]\nroot = "{cache}"\n[stream]\nchunk_size = {chunk_size}\n'
+        f'[[upstream]]\nname = "{name}"\nurl = "{upstream_url}"\ndefault = true\n'
+    )
+    hypercorn = str(Path(sys.executable).parent / "hypercorn")
+    env = {**os.environ, "STREAMSYNC_CONFIG": str(config)}
+    args = [hypercorn, "--config", "hypercorn.toml", "--bind", f"127.0.0.1:{port}"]
+    args += ["--access-logfile", "-" if os.environ.get("BENCH_ACCESS_LOG") else "/dev/null"]
+    with process([*args, "streamsync_trio.app:app"], workdir / "proxy.log", env) as pid:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/v2/")
+        yield Proxy(url, pid, cache)
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident memory of a process and all its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(parent, []).append(int(entry))
+    total = 0
+    stack = [pid]
+    while stack:
+        current = stack.pop()
+        try:
+            for line in Path(f"/proc/{current}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+        stack.extend(children.get(current, []))
+    return total

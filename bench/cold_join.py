@@ -1,0 +1,119 @@
+"""Cold blob, late joiners: N clients join one uncached blob D seconds apart.
+
+Measures what streaming sync promises: the upstream sends the blob once (upstream bytes /
+blob size = 1.00), every client gets its first byte at once, and late joiners finish with the
+first client instead of a whole transfer later.  Also the proxy's peak RSS (whole process
+tree, sampled every 50 ms).
+
+    .venv/bin/python bench/cold_join.py --size-mib 256 --clients 8 --join-every 0.5 --rate 40m
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+import _lab
+
+
+@dataclass
+class ClientResult:
+    joined: float
+    first_byte: float
+    done: float
+    size: int
+    digest_ok: bool
+
+
+async def client(url: str, digest: str, join_at: float, t0: float, verify: bool) -> ClientResult:
+    """One client is a curl piped into sha256sum: C on both ends, so the proxy is measured,
+    not a Python client competing with it for the two cores."""
+    await trio.sleep_until(t0 + join_at)
+    command = (
+        "set -o pipefail; curl -sS --fail -w '%{stderr}%{time_starttransfer} %{size_download}' "
+        f"'{url}' | {'sha256sum' if verify else 'wc -c'}"
+    )
+    result = await trio.run_process(
+        ["bash", "-c", command], capture_stdout=True, capture_stderr=True
+    )
+    done = trio.current_time() - t0
+    first_byte, size = result.stderr.decode().split()
+    output = result.stdout.decode().split()[0]
+    ok = ("sha256:" + output == digest) if verify else output == size
+    return ClientResult(join_at, float(first_byte), done, int(size), ok)
+
+
+async def sample_rss(pid: int, peak: list[int]) -> None:
+    while True:
+        peak[0] = max(peak[0], await trio.to_thread.run_sync(_lab.tree_rss_bytes, pid))
+        await trio.sleep(0.05)
+
+
+async def run(
+    url: str, digest: str, clients: int, join_every: float, pid: int, verify: bool
+) -> tuple[list[ClientResult], int]:
+    results: list[ClientResult] = []
+    peak = [0]
+    t0 = trio.current_time()
+
+    async def one(i: int) -> None:
+        results.append(await client(url, digest, i * join_every, t0, verify))
+
+    async with trio.open_nursery() as sampler:
+        sampler.start_soon(sample_rss, pid, peak)
+        async with trio.open_nursery() as nursery:
+            for i in range(clients):
+                nursery.start_soon(one, i)
+        sampler.cancel_scope.cancel()
+    return sorted(results, key=lambda r: r.joined), peak[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mib", type=int, default=256)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--join-every", type=float, default=0.5)
+    parser.add_argument("--rate", default="40m", help="nginx limit_rate per connection")
+    parser.add_argument(
+        "--no-verify", action="store_true", help="count bytes instead of hashing them"
+    )
+    args = parser.parse_args()
+    _lab.require("docker-registry", "nginx")
+    size = args.size_mib * 1024 * 1024
+    with tempfile.TemporaryDirectory(prefix="streamsync-bench-") as tmp:
+        workdir = Path(tmp)
+        with _lab.upstream(workdir, args.rate) as up:
+            digest = _lab.push_blob(up.registry_url, "bench/blob", size)
+            with _lab.proxy(workdir, up.wan_url) as proxy:
+                url = f"{proxy.url}/v2/bench/blob/blobs/{digest}"
+                started = time.monotonic()
+                results, peak_rss = trio.run(
+                    run, url, digest, args.clients, args.join_every, proxy.pid, not args.no_verify
+                )
+                wall = time.monotonic() - started
+            upstream_bytes = up.upstream_bytes()
+    print(
+        f"cold join: {args.size_mib} MiB blob, {args.clients} clients {args.join_every}s apart, "
+        f"upstream limited to {args.rate}B/s per connection"
+    )
+    print(f"{'client':>6} {'joined s':>9} {'TTFB s':>8} {'done at s':>10} {'bytes ok':>9}")
+    for i, r in enumerate(results):
+        ok = "yes" if r.digest_ok and r.size == size else "NO"
+        print(f"{i:>6} {r.joined:>9.2f} {r.first_byte:>8.3f} {r.done:>10.2f} {ok:>9}")
+    first, last = results[0], results[-1]
+    print(f"upstream bytes / blob size: {upstream_bytes / size:.3f}")
+    print(f"slowest TTFB: {max(r.first_byte for r in results):.3f} s")
+    print(
+        f"first client done at {first.done:.2f} s, last at {last.done:.2f} s "
+        f"(last/first = {last.done / first.done:.3f})"
+    )
+    print(f"peak RSS of the proxy process tree: {peak_rss / 2**20:.1f} MiB; wall {wall:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
