@@ -81,7 +81,7 @@ class Upstream:
         """Bytes nginx sent for requests whose path contains ``path_fragment``."""
         total = 0
         for line in self.access_log.read_text().splitlines():
-            method, path, status, sent = line.split(" ")
+            method, path, _status, sent = line.split(" ")
             if path_fragment in path and method == "GET":
                 total += int(sent)
         return total

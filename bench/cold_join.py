@@ -16,9 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import trio
-
 import _lab
+import trio
 
 
 @dataclass
