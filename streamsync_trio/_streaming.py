@@ -285,9 +285,7 @@ class DownloadRegistry:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             download = Download(digest, path)
             self._downloads[digest] = download
-            self._nursery.start_soon(
-                self._produce, download, fd, source, stall_timeout, retry
-            )
+            self._nursery.start_soon(self._produce, download, fd, source, stall_timeout, retry)
         return Subscriber(download)
 
     # -- the producer ------------------------------------------------------------------------
