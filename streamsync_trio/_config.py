@@ -37,6 +37,8 @@ class UpstreamConfig:
     connect_timeout: float = 10.0
     read_timeout: float = 30.0
     max_retries: int = 5  # resumptions of one blob download before its clients see the error
+    max_concurrent: int = 8  # upstream requests in flight at once (a blob holds one throughout)
+    max_queue: int = 256  # requests waiting for a slot; beyond that clients get 429
     # Docker Hub stores official images under ``library/``; clients send bare ``alpine``.
     implicit_library: bool = False
 
@@ -200,11 +202,17 @@ def _parse_upstream(raw: Any, index: int) -> UpstreamConfig:
         connect_timeout=table.positive_number("connect_timeout", 10.0),
         read_timeout=table.positive_number("read_timeout", 30.0),
         max_retries=table.get("max_retries", int, 5),
+        max_concurrent=table.get("max_concurrent", int, 8),
+        max_queue=table.get("max_queue", int, 256),
         implicit_library=table.get("implicit_library", bool, name == "docker.io"),
     )
     if upstream.tag_ttl < 0:
         raise ConfigError(f"upstream[{index}].tag_ttl: must be >= 0")
     if not 0 <= upstream.max_retries <= 100:
         raise ConfigError(f"upstream[{index}].max_retries: must be between 0 and 100")
+    if not 1 <= upstream.max_concurrent <= 1024:
+        raise ConfigError(f"upstream[{index}].max_concurrent: must be between 1 and 1024")
+    if not 0 <= upstream.max_queue <= 100_000:
+        raise ConfigError(f"upstream[{index}].max_queue: must be between 0 and 100000")
     table.finish()
     return upstream

@@ -82,6 +82,7 @@ class RetryPolicy:
     def delay(self, attempt: int, error: RegistryError) -> float:
         retry_after = error.headers.get("Retry-After", "")
         if retry_after.isdigit():
+            # Honour the upstream's wait (our own 429s carry the remaining cool-down).
             return min(float(retry_after), self.retry_after_cap)
         # Exponential backoff with full jitter: retries from many proxies never synchronise.
         return random.uniform(0, min(self.backoff_cap, self.backoff_base * 2**attempt))

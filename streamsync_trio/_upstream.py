@@ -14,8 +14,11 @@ another origin (blob GETs are commonly redirected to signed object-storage URLs)
 from __future__ import annotations
 
 import base64
+import email.utils
 import logging
+import math
 import re
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -34,6 +37,8 @@ USER_AGENT = "streamsync-trio/0.1"
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # the distribution spec's recommended manifest limit
 _TOKEN_EXPIRY_MARGIN = 10.0  # renew this many seconds early so a token never dies mid-request
 _DEFAULT_TOKEN_LIFETIME = 60.0  # the token spec's default for a missing expires_in
+_DEFAULT_RATE_LIMIT_PAUSE = 2.0  # a 429 without Retry-After still means "not now"
+_MAX_COOLDOWN = 300.0  # never trust a Retry-After to silence an upstream for longer
 
 _CHALLENGE_PARAM_RE = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
 
@@ -54,6 +59,20 @@ def parse_challenge(header: str) -> Challenge | None:
         for key, quoted, bare in _CHALLENGE_PARAM_RE.findall(rest)
     }
     return Challenge(scheme.lower(), params)
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` (delta-seconds or HTTP-date); None if unusable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +132,11 @@ class Upstream:
         self._tokens: dict[str, tuple[str, float]] = {}
         self._basic_required = False
         self._token_locks: dict[str, trio.Lock] = {}
+        # A blob download holds its slot for the whole transfer: the cap bounds upstream
+        # connections, the queue bounds how many requests may wait for one.
+        self._slots = trio.Semaphore(config.max_concurrent)
+        self._queued = 0
+        self._cooldown_until = -math.inf
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -220,17 +244,66 @@ class Upstream:
         headers: dict[str, str],
         params: dict[str, str] | None = None,
     ) -> AsyncIterator[httpx.Response]:
-        scope = f"repository:{repo}:pull"
-        response = await self._send(method, path, scope, headers, params)
-        if response.status_code == 401:
-            challenge = parse_challenge(response.headers.get("WWW-Authenticate", ""))
-            await response.aclose()
-            if challenge is not None and await self._authenticate(challenge, scope):
-                response = await self._send(method, path, scope, headers, params)
+        """One upstream exchange, within the upstream's concurrency cap and cool-down."""
+        self._refuse_while_cooling_down()
+        if self._queued >= self.config.max_queue:
+            raise RegistryError(
+                429,
+                "TOOMANYREQUESTS",
+                f"too many requests queued for upstream {self.name}",
+                headers={"Retry-After": "1"},
+            )
+        self._queued += 1
         try:
-            yield response
+            await self._slots.acquire()
         finally:
-            await response.aclose()
+            self._queued -= 1
+        try:
+            # The upstream may have asked us to back off while we queued.
+            self._refuse_while_cooling_down()
+            scope = f"repository:{repo}:pull"
+            response = await self._send(method, path, scope, headers, params)
+            if response.status_code == 401:
+                challenge = parse_challenge(response.headers.get("WWW-Authenticate", ""))
+                await response.aclose()
+                if challenge is not None and await self._authenticate(challenge, scope):
+                    response = await self._send(method, path, scope, headers, params)
+            try:
+                self._note_backoff_request(response)
+                yield response
+            finally:
+                await response.aclose()
+        finally:
+            self._slots.release()
+
+    def _refuse_while_cooling_down(self) -> None:
+        remaining = self._cooldown_until - trio.current_time()
+        if remaining > 0:
+            raise RegistryError(
+                429,
+                "TOOMANYREQUESTS",
+                f"upstream {self.name} asked us to back off",
+                headers={"Retry-After": str(math.ceil(remaining))},
+            )
+
+    def _note_backoff_request(self, response: httpx.Response) -> None:
+        """After a 429 (or a 503 with Retry-After), send nothing until the upstream's time.
+
+        Every request in the meantime is answered 429 here without touching the upstream,
+        so a fleet of clients retrying cannot turn one rate limit into a ban.
+        """
+        if response.status_code not in (429, 503):
+            return
+        delay = parse_retry_after(response.headers.get("Retry-After"))
+        if delay is None:
+            if response.status_code == 503:
+                return
+            delay = _DEFAULT_RATE_LIMIT_PAUSE
+        delay = min(delay, _MAX_COOLDOWN)
+        self._cooldown_until = max(self._cooldown_until, trio.current_time() + delay)
+        log.warning(
+            "upstream %s answered %s: pausing it for %.0fs", self.name, response.status_code, delay
+        )
 
     async def _send(
         self,
