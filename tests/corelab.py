@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -60,8 +60,9 @@ async def open_lab(
     fake = fake or FakeRegistry(chunk_delay=CHUNK_DELAY)
     store = Store(tmp_path / "cache")
     upstream = Upstream(
-        UpstreamConfig(
-            name="registry.fake.test", url="https://registry.fake.test", **upstream_settings
+        replace(
+            UpstreamConfig(name="registry.fake.test", url="https://registry.fake.test"),
+            **upstream_settings,
         ),
         transport=fake,
     )
