@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -55,7 +56,7 @@ async def open_lab(
     *,
     max_retries: int = 0,
     fake: FakeRegistry | None = None,
-    **upstream_settings: int,
+    **upstream_settings: Any,
 ) -> AsyncIterator[Lab]:
     fake = fake or FakeRegistry(chunk_delay=CHUNK_DELAY)
     store = Store(tmp_path / "cache")
