@@ -46,7 +46,11 @@ class _Body(httpx.AsyncByteStream):
         chunk_size: int,
         chunk_delay: float,
         fault: Fault,
+        owner: FakeRegistry,
     ) -> None:
+        owner.open_bodies += 1
+        owner.peak_open_bodies = max(owner.peak_open_bodies, owner.open_bodies)
+        self._owner: FakeRegistry | None = owner
         self._data = data
         self._start = start
         self._chunk_size = chunk_size
@@ -79,6 +83,11 @@ class _Body(httpx.AsyncByteStream):
             sent += len(chunk)
             position += len(chunk)
 
+    async def aclose(self) -> None:
+        if self._owner is not None:
+            self._owner.open_bodies -= 1
+            self._owner = None
+
 
 class FakeRegistry(httpx.AsyncBaseTransport):
     def __init__(
@@ -106,6 +115,8 @@ class FakeRegistry(httpx.AsyncBaseTransport):
         self.tokens_issued = 0
         self._valid_tokens: set[str] = set()
         self.down = False  # every request fails to connect
+        self.open_bodies = 0  # blob bodies being sent right now
+        self.peak_open_bodies = 0
 
     # -- content -----------------------------------------------------------------------------
 
@@ -216,7 +227,7 @@ class FakeRegistry(httpx.AsyncBaseTransport):
             status = 206
             headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
         headers["Content-Length"] = str(len(data) - start)
-        body = _Body(data, start, self.chunk_size, self.chunk_delay, fault)
+        body = _Body(data, start, self.chunk_size, self.chunk_delay, fault, self)
         return httpx.Response(status, headers=headers, stream=body)
 
     def _manifest(self, request: httpx.Request, repo: str, reference: str) -> httpx.Response:
