@@ -190,9 +190,21 @@ async def _blob(
         "Content-Type": "application/octet-stream",
         "ETag": f'"{digest}"',
     }
-    # The store lookup, the registry lookup and the subscription happen without a checkpoint
-    # in between, so a download committing concurrently is seen in exactly one of the two.
-    fd = state.store.open_blob(digest)
+    store = state.store
+    origin = (upstream.name, target.repo)
+    in_flight = state.downloads.get(digest)
+    known = store.is_linked(upstream.name, target.repo, digest) or (
+        in_flight is not None and in_flight.origin == origin
+    )
+    if not known and (in_flight is not None or store.blob_size(digest) is not None):
+        # We hold this blob for another repository.  Serve it under this one only once the
+        # upstream confirms it, asked as this repository: knowing a digest is not access.
+        await upstream.head_blob(target.repo, str(digest))
+        await trio.to_thread.run_sync(store.link, upstream.name, target.repo, [digest])
+        known = True
+    # From here to the subscription there is no checkpoint: a download committing
+    # concurrently is seen either in the store or in the registry, never in neither.
+    fd = store.open_blob(digest)
     if fd is not None:
         subscriber = read_stored(digest, fd)
     elif request.method == "HEAD":
@@ -206,11 +218,14 @@ async def _blob(
         response.headers["Content-Length"] = str(size)
         return response
     else:
+        # Not known here means nothing is stored or in flight: this request starts the
+        # download, as this repository, so the upstream's answer is the confirmation.
         subscriber = state.downloads.subscribe(
             digest,
             partial(upstream.open_blob, target.repo, str(digest)),
             stall_timeout=upstream.config.read_timeout,
             retry=RetryPolicy(max_retries=upstream.config.max_retries),
+            origin=origin,
         )
     try:
         size = await subscriber.wait_size()
@@ -218,6 +233,8 @@ async def _blob(
     except BaseException:
         subscriber.close()
         raise
+    if not known:
+        await trio.to_thread.run_sync(store.link, upstream.name, target.repo, [digest])
     status = 200
     start, end = 0, size
     if span is not None:

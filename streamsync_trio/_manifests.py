@@ -16,6 +16,7 @@ document, checks its digest, stores it under that digest and only then answers. 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -58,6 +59,33 @@ def _acceptable(media_type: str, accept: frozenset[str] | None) -> bool:
     return accept is None or media_type.lower() in accept
 
 
+def referenced_digests(body: bytes) -> list[Digest]:
+    """The digests a manifest or index points at: config, layers, child manifests, subject.
+
+    Anything unparsable is skipped: the manifest itself was verified by digest, and a field we
+    do not understand only means fewer links, never a wrong one.
+    """
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return []
+    if not isinstance(document, dict):
+        return []
+    descriptors: list[object] = [document.get("config"), document.get("subject")]
+    for key in ("layers", "manifests", "blobs"):
+        entries = document.get(key)
+        if isinstance(entries, list):
+            descriptors.extend(entries)
+    found = []
+    for descriptor in descriptors:
+        if isinstance(descriptor, dict) and isinstance(descriptor.get("digest"), str):
+            try:
+                found.append(parse_digest(descriptor["digest"]))
+            except RegistryError:
+                continue
+    return found
+
+
 class _Pending:
     def __init__(self) -> None:
         self.done = trio.Event()
@@ -79,9 +107,10 @@ class ManifestService:
         accept_set = accepted_types(accept)
         if is_digest_like(reference):
             digest = parse_digest(reference)
-            stored = await trio.to_thread.run_sync(self._store.read_manifest, digest)
-            if stored is not None:
-                return CachedManifest(stored[0], stored[1], str(digest))
+            if self._store.is_linked(upstream.name, repo, digest):
+                stored = await trio.to_thread.run_sync(self._store.read_manifest, digest)
+                if stored is not None:
+                    return CachedManifest(stored[0], stored[1], str(digest))
         else:
             validate_tag(reference)
             fresh = await self._fresh_tag(upstream, repo, reference, accept_set)
@@ -149,6 +178,13 @@ class ManifestService:
     async def _fetch_by_digest(
         self, upstream: Upstream, repo: str, digest: Digest, accept: str
     ) -> CachedManifest:
+        stored = await trio.to_thread.run_sync(self._store.read_manifest, digest)
+        if stored is not None:
+            # Cached, but not known to be in this repository: the upstream must confirm it
+            # (as this repository, with its credentials) before we serve it here.
+            await upstream.head_manifest(repo, str(digest), accept)
+            await self._link(upstream, repo, digest, stored[0])
+            return CachedManifest(stored[0], stored[1], str(digest))
         self.upstream_fetches += 1
         manifest = await upstream.get_manifest(repo, str(digest), accept)
         actual = hashlib.new(digest.algorithm, manifest.body).hexdigest()
@@ -162,7 +198,14 @@ class ManifestService:
         await trio.to_thread.run_sync(
             self._store.write_manifest, digest, manifest.body, manifest.media_type
         )
+        await self._link(upstream, repo, digest, manifest.body)
         return CachedManifest(manifest.body, manifest.media_type, str(digest))
+
+    async def _link(self, upstream: Upstream, repo: str, digest: Digest, body: bytes) -> None:
+        """Record that ``repo`` contains this manifest and everything it references."""
+        await trio.to_thread.run_sync(
+            self._store.link, upstream.name, repo, [digest, *referenced_digests(body)]
+        )
 
     async def _fetch_tag(
         self, upstream: Upstream, repo: str, tag: str, accept: str
@@ -209,6 +252,7 @@ class ManifestService:
         await trio.to_thread.run_sync(
             self._store.write_manifest, digest, manifest.body, manifest.media_type
         )
+        await self._link(upstream, repo, digest, manifest.body)
         await trio.to_thread.run_sync(
             self._store.write_tag, upstream.name, repo, tag, str(digest), manifest.media_type
         )

@@ -5,6 +5,7 @@ Layout under the root::
     blobs/<alg>/<hex>                 verified blob bytes, immutable
     manifests/<alg>/<hex>             "<media type>\\n" + the exact manifest bytes
     tags/<upstream>/<repo>/_tags/<tag> JSON tag record (digest, media type, fetched at)
+    tags/<upstream>/<repo>/_links/<alg>-<hex>  "this repository contains this digest"
     partial/<alg>-<hex>.<nonce>       in-flight downloads; never served as complete
 
 Everything visible under ``blobs/`` and ``manifests/`` got there by an atomic rename after the
@@ -120,6 +121,24 @@ class Store:
     def write_tag(self, upstream: str, repo: str, tag: str, digest: str, media_type: str) -> None:
         record = {"digest": digest, "media_type": media_type, "fetched_at": time.time()}
         _atomic_write(self._tag_path(upstream, repo, tag), json.dumps(record).encode())
+
+    # -- repository membership ---------------------------------------------------------------
+    # Content is stored once per digest, but a digest is only served under a repository known
+    # to contain it, so a client cannot read a private repository's layers through another
+    # repository's name by knowing the digest.  Like Distribution's ``_layers`` links.
+
+    def _link_path(self, upstream: str, repo: str, digest: Digest) -> Path:
+        return self._tags / upstream / repo / "_links" / f"{digest.algorithm}-{digest.hex}"
+
+    def is_linked(self, upstream: str, repo: str, digest: Digest) -> bool:
+        return self._link_path(upstream, repo, digest).exists()
+
+    def link(self, upstream: str, repo: str, digests: list[Digest]) -> None:
+        for digest in digests:
+            path = self._link_path(upstream, repo, digest)
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.touch()
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

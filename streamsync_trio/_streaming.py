@@ -30,7 +30,7 @@ import hashlib
 import logging
 import os
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from functools import partial
@@ -96,8 +96,11 @@ def _is_transient(error: RegistryError) -> bool:
 class Download:
     """The shared state of one in-flight blob.  Mutated only by its producer."""
 
-    def __init__(self, digest: Digest, path: Path) -> None:
+    def __init__(self, digest: Digest, path: Path, origin: Hashable = None) -> None:
         self.digest = digest
+        # Whom the source fetches as (for the proxy: upstream and repository).  Joining under
+        # the same origin needs no further proof that the blob belongs there.
+        self.origin = origin
         self.path = path  # the partial; after commit, the stored blob (open fds survive rename)
         self.size: int | None = None
         self.available = 0  # bytes written to ``path`` and safe to read
@@ -274,6 +277,7 @@ class DownloadRegistry:
         *,
         stall_timeout: float,
         retry: RetryPolicy,
+        origin: Hashable = None,
     ) -> Subscriber:
         """Join the download of ``digest``, starting one (with ``source``) if none is running.
 
@@ -284,7 +288,7 @@ class DownloadRegistry:
         if download is None:
             path = self._store.new_partial(digest)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            download = Download(digest, path)
+            download = Download(digest, path, origin)
             self._downloads[digest] = download
             self._nursery.start_soon(self._produce, download, fd, source, stall_timeout, retry)
         return Subscriber(download)

@@ -110,6 +110,9 @@ class FakeRegistry(httpx.AsyncBaseTransport):
         self.manifests: dict[tuple[str, str], tuple[bytes, str]] = {}
         self.tags: dict[str, list[str]] = {}
         self.faults: dict[str, list[Fault]] = {}
+        # digest -> the only repositories that may read it (others get 404, as on a real
+        # registry where the digest belongs to a private repository)
+        self.private: dict[str, set[str]] = {}
         self.manifest_faults: list[Fault] = []
         self.requests: list[httpx.Request] = []
         self.tokens_issued = 0
@@ -208,11 +211,14 @@ class FakeRegistry(httpx.AsyncBaseTransport):
         return httpx.Response(200, json={"token": token, "expires_in": self.token_lifetime})
 
     def _blob(self, request: httpx.Request, digest: str) -> httpx.Response:
-        faults = self.faults.get(digest)
+        faults = self.faults.get(digest) if request.method == "GET" else None
         fault = faults.pop(0) if faults else Fault()
         if fault.status is not None:
             return _error(fault.status, "UNAVAILABLE", fault.headers)
         data = self.blobs.get(digest)
+        owners = self.private.get(digest)
+        if owners is not None and _repo_of(request.url.path) not in owners:
+            data = None  # a private blob asked for under another repository
         if data is None:
             return _error(404, "BLOB_UNKNOWN")
         headers = {"Docker-Content-Digest": digest, "Content-Type": "application/octet-stream"}
@@ -236,6 +242,9 @@ class FakeRegistry(httpx.AsyncBaseTransport):
             if fault.status is not None:
                 return _error(fault.status, "UNAVAILABLE", fault.headers)
         found = self.manifests.get((repo, reference))
+        owners = self.private.get(reference)
+        if owners is not None and repo not in owners:
+            found = None
         if found is None:
             return _error(404, "MANIFEST_UNKNOWN")
         body, media_type = found
@@ -247,6 +256,10 @@ class FakeRegistry(httpx.AsyncBaseTransport):
         if request.method == "HEAD":
             return httpx.Response(200, headers=headers)
         return httpx.Response(200, headers=headers, content=body)
+
+
+def _repo_of(path: str) -> str:
+    return path.removeprefix("/v2/").rsplit("/", 2)[0]
 
 
 def _basic(credentials: tuple[str, str] | None) -> str:
