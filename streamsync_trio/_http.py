@@ -229,7 +229,9 @@ async def _blob(
         )
     try:
         size = await subscriber.wait_size()
-        span = parse_range(request.headers.get("Range"), size)
+        # Several Range fields are one multi-range request, which parse_range refuses.
+        ranges = request.headers.getlist("Range")
+        span = parse_range(",".join(ranges) if ranges else None, size)
     except BaseException:
         subscriber.close()
         raise

@@ -6,11 +6,16 @@ gets either a :class:`Route` or a :class:`RegistryError` with the right OCI code
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from ._config import Config, UpstreamConfig
-from ._errors import name_unknown
+from ._errors import name_invalid, name_unknown
 from ._reference import is_host_like, validate_name
+
+_HOST_RE = re.compile(
+    r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?\.)*[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?::[0-9]{1,5})?"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +38,9 @@ def route(config: Config, name: str, ns: str | None = None) -> Route:
             raise name_unknown(name, f"no upstream is configured for ns={ns[:100]!r}")
         repo = rest if first == ns and rest else name
     elif is_host_like(first):
+        if not _HOST_RE.fullmatch(first):
+            # ``..``, ``a\\b.c``: host-like by Docker's rule, but neither a host nor a name.
+            raise name_invalid(name, f"{first[:100]!r} is neither a registry host nor a name")
         upstream = config.upstream_named(first)
         if upstream is None:
             raise name_unknown(name, f"no upstream is configured for {first[:100]!r}")
