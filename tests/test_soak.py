@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from .fakes import Fault, FakeRegistry
+from .fakes import FakeRegistry, Fault
 from .httplab import running_proxy
 
 CLIENTS = 200
