@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,35 +11,7 @@ import httpx
 import pytest
 import trio
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-HYPERCORN = str(Path(sys.executable).parent / "hypercorn")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start(cwd: Path, port: int, config: Path | None) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if k != "STREAMSYNC_CONFIG"}
-    if config is not None:
-        env["STREAMSYNC_CONFIG"] = str(config)
-    command = [HYPERCORN, "--config", str(REPO_ROOT / "hypercorn.toml")]
-    command += ["--bind", f"127.0.0.1:{port}", "streamsync_trio.app:app"]
-    return subprocess.Popen(
-        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-
-
-def stop(process: subprocess.Popen[bytes]) -> str:
-    process.terminate()
-    try:
-        output, _ = process.communicate(timeout=15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        output, _ = process.communicate()
-    return output.decode(errors="replace")
+from .proclab import free_port, start, stop
 
 
 @pytest.mark.parametrize(
