@@ -143,6 +143,12 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
     async def registry_error(error: RegistryError) -> Response:
         return _error_response(error)
 
+    @app.errorhandler(Exception)
+    async def unexpected_error(error: Exception) -> Response:
+        # Never an HTML traceback page: a registry client only understands OCI errors.
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return _error_response(RegistryError(500, "UNKNOWN", "internal error"))
+
     @app.errorhandler(HTTPException)
     async def http_error(error: HTTPException) -> Response:
         status = error.code or 500
@@ -208,9 +214,13 @@ async def _blob(
         known = True
     # From here to the subscription there is no checkpoint: a download committing
     # concurrently is seen either in the store or in the registry, never in neither.
-    fd = store.open_blob(digest)
+    try:
+        fd = store.open_blob(digest)
+    except OSError as exc:
+        log.error("cannot open cached blob %s: %s", store.blob_path(digest), exc)
+        raise RegistryError(500, "UNKNOWN", "cache read failed") from None
     if fd is not None:
-        subscriber = read_stored(digest, fd)
+        subscriber = read_stored(digest, fd, store.blob_path(digest))
     elif request.method == "HEAD":
         download = state.downloads.get(digest)
         size = download.size if download is not None else None

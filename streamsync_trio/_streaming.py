@@ -207,9 +207,13 @@ class Subscriber:
                 assert fd is not None
                 count = min(max_bytes, limit - self.offset)
                 offset = self.offset
-                data = await self._guarded(
-                    partial(trio.to_thread.run_sync, os.pread, fd, count, offset)
-                )
+                try:
+                    data = await self._guarded(
+                        partial(trio.to_thread.run_sync, os.pread, fd, count, offset)
+                    )
+                except OSError as exc:
+                    log.error("cache read failed at byte %d of %s: %s", offset, download.path, exc)
+                    raise RegistryError(500, "UNKNOWN", "cache read failed") from None
                 if download.failure is not None:
                     raise download.failure
                 if not data:
@@ -234,10 +238,10 @@ class Subscriber:
             self.close()
 
 
-def read_stored(digest: Digest, fd: int) -> Subscriber:
-    """A subscriber over a blob already in the store: same reader, nothing in flight."""
+def read_stored(digest: Digest, fd: int, path: Path) -> Subscriber:
+    """A subscriber over a blob already in the store (open at ``fd``): nothing in flight."""
     size = os.fstat(fd).st_size
-    download = Download(digest, Path(f"/proc/self/fd/{fd}"))
+    download = Download(digest, path)
     download.available = size
     download.verified = True
     download._set_size(size)

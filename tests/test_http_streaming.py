@@ -165,3 +165,42 @@ async def test_stored_blob_is_served_with_ranges_and_416(tmp_path: Path) -> None
         assert unsatisfiable.status_code == 416
         assert unsatisfiable.headers["Content-Range"] == f"bytes */{len(data)}"
         assert len(fake.blob_gets(digest)) == 1
+
+
+async def test_unreadable_cached_blob_is_a_clean_500_and_logged_with_its_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = real_time_fake()
+    data = os.urandom(2 * MiB)
+    digest = fake.add_blob(data)
+    async with running_proxy(tmp_path, fake) as proxy, httpx.AsyncClient() as client:
+        await fetch(client, proxy.blob_url(digest))
+        path = proxy.state.store.blob_path(parse_digest(digest))
+        await proxy.wait_stored(digest)
+
+        def failing_open(self: object, digest: object) -> int:
+            raise OSError(5, "Input/output error")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(type(proxy.state.store), "open_blob", failing_open)
+            response = await client.get(proxy.blob_url(digest))
+        assert response.status_code == 500
+        assert response.json()["errors"][0]["code"] == "UNKNOWN"
+        assert str(path) in caplog.text
+
+        real_pread = os.pread
+
+        def failing_pread(fd: int, count: int, offset: int) -> bytes:
+            if offset >= MiB:
+                raise OSError(5, "Input/output error")
+            return real_pread(fd, count, offset)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "pread", failing_pread)
+            status, length, received = await fetch_until_abort(client, proxy.blob_url(digest))
+        assert (status, length) == (200, len(data))
+        assert len(received) < len(data)
+        assert f"of {path}" in caplog.text
+        # Still healthy: the next request is served whole.
+        _, body = await fetch(client, proxy.blob_url(digest))
+        assert body == data
