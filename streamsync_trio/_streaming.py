@@ -32,7 +32,7 @@ import os
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar
@@ -89,8 +89,38 @@ class RetryPolicy:
 
 
 def _is_transient(error: RegistryError) -> bool:
-    """Worth another attempt: the upstream was reachable but faltered, or asked us to wait."""
-    return error.status in (429, 502, 503, 504)
+    """Worth another attempt: the upstream faltered or asked us to wait.  Wrong content is
+    not transient: asking again for what the upstream sent wrong would only hammer it."""
+    return error.status in (429, 502, 503, 504) and error.code not in _CONTENT_ERRORS
+
+
+_CONTENT_ERRORS = ("DIGEST_INVALID", "SIZE_INVALID")
+
+
+def _size_invalid(why: str) -> RegistryError:
+    return RegistryError(502, "SIZE_INVALID", f"upstream blob has the wrong size: {why}")
+
+
+@dataclass
+class DownloadStats:
+    """Counters over every download of a registry (read by metrics and tests)."""
+
+    started: int = 0
+    committed: int = 0
+    resumes: int = 0
+    upstream_bytes: int = 0  # bytes received from upstreams and written
+    failures: dict[str, int] = field(default_factory=dict)  # by reason
+
+    def failed(self, reason: str) -> None:
+        self.failures[reason] = self.failures.get(reason, 0) + 1
+
+
+def _failure_reason(error: RegistryError) -> str:
+    if error.code == "DIGEST_INVALID":
+        return "digest_mismatch"
+    if error.code == "SIZE_INVALID":
+        return "size_mismatch"
+    return f"upstream_{error.status}"
 
 
 class Download:
@@ -267,6 +297,7 @@ class DownloadRegistry:
         self._nursery = nursery
         self._chunk_size = chunk_size
         self._downloads: dict[Digest, Download] = {}
+        self.stats = DownloadStats()
 
     def __len__(self) -> int:
         return len(self._downloads)
@@ -294,6 +325,7 @@ class DownloadRegistry:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             download = Download(digest, path, origin)
             self._downloads[digest] = download
+            self.stats.started += 1
             self._nursery.start_soon(self._produce, download, fd, source, stall_timeout, retry)
         return Subscriber(download)
 
@@ -316,6 +348,7 @@ class DownloadRegistry:
             # request sees either this download or the stored blob.
             download.path = self._store.commit_blob(download.path, download.digest)
             committed = True
+            self.stats.committed += 1
             download.verified = True
             self._drop(download)
             download._finished.set()
@@ -329,15 +362,19 @@ class DownloadRegistry:
             )
         except RegistryError as error:
             log.warning("download %s failed: %s", download.digest, error.message)
+            self.stats.failed(_failure_reason(error))
             download._fail(error)
         except OSError as exc:
             log.error("download %s: disk error on %s: %s", download.digest, download.path, exc)
+            self.stats.failed("disk")
             download._fail(RegistryError(500, "UNKNOWN", "cache write failed"))
         except trio.Cancelled:
+            self.stats.failed("shutdown")
             download._fail(RegistryError(503, "UNAVAILABLE", "the proxy is shutting down"))
             raise
         except Exception as exc:
             log.exception("download %s: unexpected error", download.digest)
+            self.stats.failed("internal")
             download._fail(RegistryError(500, "UNKNOWN", f"internal error: {type(exc).__name__}"))
         finally:
             os.close(fd)
@@ -369,6 +406,7 @@ class DownloadRegistry:
                 delay = retry.delay(attempt, error)
                 attempt += 1
                 download.resumes += 1
+                self.stats.resumes += 1
                 log.info(
                     "download %s: %s; resuming at byte %d in %.2fs (attempt %d/%d)",
                     download.digest,
@@ -383,9 +421,7 @@ class DownloadRegistry:
         if download.size is None:
             download._set_size(download.available)
         if download.available != download.size:
-            raise upstream_unavailable(
-                "blob", f"size mismatch: got {download.available} of {download.size} bytes"
-            )
+            raise _size_invalid(f"got {download.available} of {download.size} bytes")
         if hasher.hexdigest() != download.digest.hex:
             raise RegistryError(
                 502,
@@ -432,9 +468,7 @@ class DownloadRegistry:
                             continue
                     size = download.size
                     if size is not None and download.available + len(batch) + len(chunk) > size:
-                        raise upstream_unavailable(
-                            "blob", "upstream sent more bytes than announced"
-                        )
+                        raise _size_invalid("upstream sent more bytes than announced")
                     if not batch:
                         batch_started = trio.current_time()
                     batch += chunk
@@ -459,6 +493,7 @@ class DownloadRegistry:
         batch.clear()
         await trio.to_thread.run_sync(_write_and_hash, fd, download.available, data, hasher)
         download.available += len(data)
+        self.stats.upstream_bytes += len(data)
         download._wake_all()
 
 
