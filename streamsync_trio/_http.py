@@ -13,6 +13,7 @@ or the :class:`RegistryError` into a response.  Two HTTP facts shape the blob ha
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -30,9 +31,13 @@ from werkzeug.exceptions import HTTPException
 from ._config import Config
 from ._errors import RegistryError, blob_unknown
 from ._manifests import CachedManifest, ManifestService
+from ._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from ._metrics import Traffic
+from ._metrics import render as render_metrics
 from ._ranges import parse_range
 from ._reference import Endpoint, parse_digest, parse_v2_path
 from ._routing import Route, route
+from ._status import status_snapshot
 from ._store import Store
 from ._streaming import DownloadRegistry, RetryPolicy, Subscriber, read_stored
 from ._upstream import Upstream
@@ -53,6 +58,8 @@ class ProxyState:
     downloads: DownloadRegistry
     manifests: ManifestService
     upstreams: dict[str, Upstream]
+    started_at: float
+    traffic: Traffic = field(default_factory=Traffic)
     passthrough_cache: dict[tuple[str, str, str], tuple[float, Any]] = field(default_factory=dict)
 
 
@@ -64,9 +71,13 @@ class _BlobBody:
     iteration never started.
     """
 
-    def __init__(self, subscriber: Subscriber, chunk_size: int) -> None:
+    def __init__(
+        self, subscriber: Subscriber, chunk_size: int, traffic: Traffic, source: str
+    ) -> None:
         self._subscriber = subscriber
         self._chunk_size = chunk_size
+        self._traffic = traffic
+        self._source = source
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self
@@ -80,6 +91,7 @@ class _BlobBody:
         if not data:
             self._subscriber.close()
             raise StopAsyncIteration
+        self._traffic.served(self._source, len(data))
         return data
 
     async def aclose(self) -> None:
@@ -113,17 +125,21 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
         removed = await trio.to_thread.run_sync(store.remove_leftover_partials)
         if removed:
             log.warning("removed %d partial download(s) left by a previous run", removed)
+        usage = await trio.to_thread.run_sync(store.scan)
         holder["state"] = ProxyState(
             config=config,
             store=store,
             downloads=DownloadRegistry(store, app.nursery, chunk_size=config.chunk_size),
             manifests=ManifestService(store, app.nursery),
             upstreams={u.name: Upstream(u, transport=transport) for u in config.upstreams},
+            started_at=time.time(),
         )
         app.extensions["streamsync"] = holder["state"]
         log.info(
-            "serving from cache %s; upstreams: %s",
+            "serving from cache %s (%d blobs, %d bytes); upstreams: %s",
             store.root,
+            usage.blobs,
+            usage.bytes,
             ", ".join(
                 f"{u.name}={u.url}{' (default)' if u.default else ''}" for u in config.upstreams
             ),
@@ -155,6 +171,30 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
         code = {404: "NOT_FOUND", 405: "UNSUPPORTED"}.get(status, "UNKNOWN")
         return _error_response(RegistryError(status, code, error.description or error.name))
 
+    @app.route("/metrics")
+    async def metrics() -> Response:
+        return Response(render_metrics(state()), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+    @app.route("/_status.json")
+    async def status_json() -> Response:
+        return Response(
+            json.dumps(status_snapshot(state())), headers={"Content-Type": "application/json"}
+        )
+
+    @app.route("/healthz")
+    async def healthz() -> Response:
+        return Response(b'{"status":"ok"}', headers={"Content-Type": "application/json"})
+
+    @app.route("/readyz")
+    async def readyz() -> Response:
+        problems = await trio.to_thread.run_sync(state().store.check_writable)
+        body = json.dumps(
+            {"status": "ready" if not problems else "not ready", "problems": problems}
+        )
+        return Response(
+            body, status=503 if problems else 200, headers={"Content-Type": "application/json"}
+        )
+
     @app.route("/v2/", methods=["GET", "HEAD"])
     @app.route("/v2", methods=["GET", "HEAD"])
     async def base() -> Response:
@@ -168,6 +208,7 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
         if endpoint.kind == "blob":
             return await _blob(state(), upstream, target, endpoint)
         if endpoint.kind == "manifest":
+            state().traffic.manifest_requests += 1
             manifest = await state().manifests.get(
                 upstream, target.repo, endpoint.reference, request.headers.get("Accept", "")
             )
@@ -219,8 +260,10 @@ async def _blob(
     except OSError as exc:
         log.error("cannot open cached blob %s: %s", store.blob_path(digest), exc)
         raise RegistryError(500, "UNKNOWN", "cache read failed") from None
+    source, joining = "stream", False
     if fd is not None:
         subscriber = read_stored(digest, fd, store.blob_path(digest))
+        source = "cache"
     elif request.method == "HEAD":
         download = state.downloads.get(digest)
         size = download.size if download is not None else None
@@ -234,12 +277,14 @@ async def _blob(
     else:
         # Not known here means nothing is stored or in flight: this request starts the
         # download, as this repository, so the upstream's answer is the confirmation.
+        joining = state.downloads.get(digest) is not None
         subscriber = state.downloads.subscribe(
             digest,
             partial(upstream.open_blob, target.repo, str(digest)),
             stall_timeout=upstream.config.read_timeout,
             retry=RetryPolicy(max_retries=upstream.config.max_retries),
             origin=origin,
+            group=upstream.name,
         )
     try:
         size = await subscriber.wait_size()
@@ -251,6 +296,9 @@ async def _blob(
         raise
     if not known:
         await trio.to_thread.run_sync(store.link, upstream.name, target.repo, [digest])
+    if request.method == "GET":
+        result = "hit" if source == "cache" else "join" if joining else "miss"
+        state.traffic.blob_requests[result] += 1
     status = 200
     start, end = 0, size
     if span is not None:
@@ -263,7 +311,9 @@ async def _blob(
         response = Response(b"", status=status, headers=headers)
     else:
         response = Response(
-            _BlobBody(subscriber, state.config.chunk_size), status=status, headers=headers
+            _BlobBody(subscriber, state.config.chunk_size, state.traffic, source),
+            status=status,
+            headers=headers,
         )
         response.timeout = None
     response.headers["Content-Length"] = str(end - start)

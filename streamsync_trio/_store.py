@@ -31,6 +31,12 @@ from ._reference import Digest
 
 
 @dataclass(frozen=True, slots=True)
+class Usage:
+    blobs: int
+    bytes: int
+
+
+@dataclass(frozen=True, slots=True)
 class TagRecord:
     digest: str
     media_type: str
@@ -46,11 +52,40 @@ class Store:
         self.partial_dir = self.root / "partial"
         for directory in (self._blobs, self._manifests, self._tags, self.partial_dir):
             directory.mkdir(parents=True, exist_ok=True)
+        # Kept up to date by commit and eviction, so a status page or a size cap never walks
+        # the tree; ``scan`` (at start, in a worker thread) sets the initial numbers.
+        self._blob_count = 0
+        self._blob_bytes = 0
+
+    def scan(self) -> Usage:
+        count = size = 0
+        for algorithm in self._blobs.iterdir():
+            for entry in os.scandir(algorithm):
+                if entry.is_file(follow_symlinks=False):
+                    count += 1
+                    size += entry.stat(follow_symlinks=False).st_size
+        self._blob_count, self._blob_bytes = count, size
+        return self.usage()
+
+    def usage(self) -> Usage:
+        return Usage(self._blob_count, self._blob_bytes)
+
+    def check_writable(self) -> list[str]:
+        """Problems that would stop the cache from taking new blobs (empty: none)."""
+        probe = self.partial_dir / f".probe-{secrets.token_hex(4)}"
+        try:
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as exc:
+            return [f"cache {self.partial_dir} is not writable: {exc.strerror}"]
+        return []
 
     def remove_leftover_partials(self) -> int:
         """Delete partials of a previous run; returns how many there were."""
         removed = 0
         for entry in self.partial_dir.iterdir():
+            if entry.name.startswith(".probe-"):
+                continue
             entry.unlink(missing_ok=True)
             removed += 1
         return removed
@@ -81,7 +116,11 @@ class Store:
         """Atomically publish a verified partial (already fsynced by the caller)."""
         final = self.blob_path(digest)
         final.parent.mkdir(parents=True, exist_ok=True)
+        replaced = final.exists()
         os.rename(partial, final)
+        if not replaced:
+            self._blob_count += 1
+            self._blob_bytes += final.stat().st_size
         return final
 
     # -- manifests ---------------------------------------------------------------------------

@@ -103,16 +103,24 @@ def _size_invalid(why: str) -> RegistryError:
 
 @dataclass
 class DownloadStats:
-    """Counters over every download of a registry (read by metrics and tests)."""
+    """Counters over the downloads of one group (the proxy groups by upstream)."""
 
     started: int = 0
     committed: int = 0
     resumes: int = 0
-    upstream_bytes: int = 0  # bytes received from upstreams and written
+    upstream_bytes: int = 0  # bytes received from the upstream and written
     failures: dict[str, int] = field(default_factory=dict)  # by reason
 
     def failed(self, reason: str) -> None:
         self.failures[reason] = self.failures.get(reason, 0) + 1
+
+    def add(self, other: DownloadStats) -> None:
+        self.started += other.started
+        self.committed += other.committed
+        self.resumes += other.resumes
+        self.upstream_bytes += other.upstream_bytes
+        for reason, count in other.failures.items():
+            self.failures[reason] = self.failures.get(reason, 0) + count
 
 
 def _failure_reason(error: RegistryError) -> str:
@@ -126,8 +134,12 @@ def _failure_reason(error: RegistryError) -> str:
 class Download:
     """The shared state of one in-flight blob.  Mutated only by its producer."""
 
-    def __init__(self, digest: Digest, path: Path, origin: Hashable = None) -> None:
+    def __init__(
+        self, digest: Digest, path: Path, origin: Hashable = None, group: str = ""
+    ) -> None:
         self.digest = digest
+        self.group = group  # for statistics: the proxy counts per upstream
+        self.started_at = trio.current_time()
         # Whom the source fetches as (for the proxy: upstream and repository).  Joining under
         # the same origin needs no further proof that the blob belongs there.
         self.origin = origin
@@ -297,13 +309,25 @@ class DownloadRegistry:
         self._nursery = nursery
         self._chunk_size = chunk_size
         self._downloads: dict[Digest, Download] = {}
-        self.stats = DownloadStats()
+        self.stats: dict[str, DownloadStats] = {}  # by group
 
     def __len__(self) -> int:
         return len(self._downloads)
 
     def get(self, digest: Digest) -> Download | None:
         return self._downloads.get(digest)
+
+    def in_flight(self) -> list[Download]:
+        return list(self._downloads.values())
+
+    def totals(self) -> DownloadStats:
+        total = DownloadStats()
+        for stats in self.stats.values():
+            total.add(stats)
+        return total
+
+    def _stats(self, download: Download) -> DownloadStats:
+        return self.stats.setdefault(download.group, DownloadStats())
 
     def subscribe(
         self,
@@ -313,6 +337,7 @@ class DownloadRegistry:
         stall_timeout: float,
         retry: RetryPolicy,
         origin: Hashable = None,
+        group: str = "",
     ) -> Subscriber:
         """Join the download of ``digest``, starting one (with ``source``) if none is running.
 
@@ -323,9 +348,9 @@ class DownloadRegistry:
         if download is None:
             path = self._store.new_partial(digest)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            download = Download(digest, path, origin)
+            download = Download(digest, path, origin, group)
             self._downloads[digest] = download
-            self.stats.started += 1
+            self._stats(download).started += 1
             self._nursery.start_soon(self._produce, download, fd, source, stall_timeout, retry)
         return Subscriber(download)
 
@@ -348,7 +373,7 @@ class DownloadRegistry:
             # request sees either this download or the stored blob.
             download.path = self._store.commit_blob(download.path, download.digest)
             committed = True
-            self.stats.committed += 1
+            self._stats(download).committed += 1
             download.verified = True
             self._drop(download)
             download._finished.set()
@@ -362,19 +387,19 @@ class DownloadRegistry:
             )
         except RegistryError as error:
             log.warning("download %s failed: %s", download.digest, error.message)
-            self.stats.failed(_failure_reason(error))
+            self._stats(download).failed(_failure_reason(error))
             download._fail(error)
         except OSError as exc:
             log.error("download %s: disk error on %s: %s", download.digest, download.path, exc)
-            self.stats.failed("disk")
+            self._stats(download).failed("disk")
             download._fail(RegistryError(500, "UNKNOWN", "cache write failed"))
         except trio.Cancelled:
-            self.stats.failed("shutdown")
+            self._stats(download).failed("shutdown")
             download._fail(RegistryError(503, "UNAVAILABLE", "the proxy is shutting down"))
             raise
         except Exception as exc:
             log.exception("download %s: unexpected error", download.digest)
-            self.stats.failed("internal")
+            self._stats(download).failed("internal")
             download._fail(RegistryError(500, "UNKNOWN", f"internal error: {type(exc).__name__}"))
         finally:
             os.close(fd)
@@ -406,7 +431,7 @@ class DownloadRegistry:
                 delay = retry.delay(attempt, error)
                 attempt += 1
                 download.resumes += 1
-                self.stats.resumes += 1
+                self._stats(download).resumes += 1
                 log.info(
                     "download %s: %s; resuming at byte %d in %.2fs (attempt %d/%d)",
                     download.digest,
@@ -493,7 +518,7 @@ class DownloadRegistry:
         batch.clear()
         await trio.to_thread.run_sync(_write_and_hash, fd, download.available, data, hasher)
         download.available += len(data)
-        self.stats.upstream_bytes += len(data)
+        self._stats(download).upstream_bytes += len(data)
         download._wake_all()
 
 

@@ -21,7 +21,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -73,6 +73,32 @@ def parse_retry_after(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+@dataclass
+class UpstreamStats:
+    """What one upstream did for us: plain counters, read by the metrics collector."""
+
+    # outcome: the HTTP status ("200", "404", ...) or what went wrong before one
+    # ("connect_error", "timeout", "transport_error", "cooldown", "queue_full")
+    requests: dict[str, int] = field(default_factory=dict)
+    # time from sending a request to having the response headers, as histogram buckets
+    latency_buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
+    latency_count: int = 0
+    latency_sum: float = 0.0
+
+    def count(self, outcome: str) -> None:
+        self.requests[outcome] = self.requests.get(outcome, 0) + 1
+
+    def observe(self, seconds: float) -> None:
+        self.latency_count += 1
+        self.latency_sum += seconds
+        for index, bound in enumerate(LATENCY_BUCKETS):
+            if seconds <= bound:
+                self.latency_buckets[index] += 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +163,7 @@ class Upstream:
         self._slots = trio.Semaphore(config.max_concurrent)
         self._queued = 0
         self._cooldown_until = -math.inf
+        self.stats = UpstreamStats()
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -247,6 +274,7 @@ class Upstream:
         """One upstream exchange, within the upstream's concurrency cap and cool-down."""
         self._refuse_while_cooling_down()
         if self._queued >= self.config.max_queue:
+            self.stats.count("queue_full")
             raise RegistryError(
                 429,
                 "TOOMANYREQUESTS",
@@ -279,6 +307,7 @@ class Upstream:
     def _refuse_while_cooling_down(self) -> None:
         remaining = self._cooldown_until - trio.current_time()
         if remaining > 0:
+            self.stats.count("cooldown")
             raise RegistryError(
                 429,
                 "TOOMANYREQUESTS",
@@ -318,10 +347,22 @@ class Upstream:
         if authorization:
             headers["Authorization"] = authorization
         request = self._client.build_request(method, path, headers=headers, params=params)
+        started = trio.current_time()
         try:
-            return await self._client.send(request, stream=True)
+            response = await self._client.send(request, stream=True)
         except httpx.HTTPError as exc:
-            raise self._transport_error(exc) from exc
+            error = self._transport_error(exc)
+            self.stats.count(
+                "timeout"
+                if error.status == 504
+                else "connect_error"
+                if isinstance(exc, httpx.ConnectError)
+                else "transport_error"
+            )
+            raise error from exc
+        self.stats.observe(trio.current_time() - started)
+        self.stats.count(str(response.status_code))
+        return response
 
     def _authorization(self, scope: str) -> str | None:
         token = self._tokens.get(scope)

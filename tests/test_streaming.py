@@ -148,8 +148,8 @@ async def test_corrupt_upstream_bytes_never_yield_a_complete_body(
             assert outcome.error is not None
             assert outcome.error.code == "DIGEST_INVALID"
             assert len(outcome.data) < len(data)  # always short of Content-Length
-        assert lab.registry.stats.failures == {"digest_mismatch": 1}
-        assert lab.registry.stats.committed == 0
+        assert lab.registry.totals().failures == {"digest_mismatch": 1}
+        assert lab.registry.totals().committed == 0
         assert len(lab.fake.blob_gets(digest)) == 1  # wrong content is not asked for again
         assert lab.store.blob_size(parse_digest(digest)) is None
         await trio.testing.wait_all_tasks_blocked()
@@ -167,7 +167,7 @@ async def test_short_body_is_a_failure_not_a_complete_blob(
         assert outcome.error is not None
         assert outcome.error.code == "SIZE_INVALID"
         assert len(outcome.data) < len(data)
-        assert lab.registry.stats.failures == {"size_mismatch": 1}
+        assert lab.registry.totals().failures == {"size_mismatch": 1}
         assert lab.store.blob_size(parse_digest(digest)) is None
 
 
@@ -232,8 +232,8 @@ async def test_drop_is_resumed_with_a_range_request(
         assert all(r.error is None and r.data == data for r in results)
         gets = lab.fake.blob_gets(digest)
         assert len(gets) == 3
-        assert lab.registry.stats.resumes == 2
-        assert lab.registry.stats.upstream_bytes == len(data)  # nothing fetched twice
+        assert lab.registry.totals().resumes == 2
+        assert lab.registry.totals().upstream_bytes == len(data)  # nothing fetched twice
         assert "Range" not in gets[0].headers
         # Batches before the drop were kept, so the resume asks for what is missing only.
         first_resume = int(gets[1].headers["Range"].removeprefix("bytes=").rstrip("-"))

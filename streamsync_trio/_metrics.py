@@ -1,0 +1,162 @@
+"""Prometheus metrics, read at scrape time from the plain counters the other modules keep.
+
+The core, the upstream client and the manifest cache count in ordinary dataclasses and know
+nothing of Prometheus; this collector turns their numbers into metric families when scraped.
+So a scrape costs nothing on the hot path, and every metric is consistent with the state the
+status page shows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from ._upstream import LATENCY_BUCKETS
+
+if TYPE_CHECKING:
+    from ._http import ProxyState
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@dataclass
+class Traffic:
+    """What clients asked of the proxy and got (counted by the HTTP layer)."""
+
+    served_bytes: dict[str, int] = field(default_factory=lambda: {"cache": 0, "stream": 0})
+    # blob GETs: "hit" (stored), "join" (joined a download in flight), "miss" (started one)
+    blob_requests: dict[str, int] = field(default_factory=lambda: {"hit": 0, "join": 0, "miss": 0})
+    manifest_requests: int = 0
+
+    def served(self, source: str, count: int) -> None:
+        self.served_bytes[source] += count
+
+
+class ProxyCollector(Collector):
+    def __init__(self, state: ProxyState) -> None:
+        self._state = state
+
+    def collect(self) -> Iterator[Metric]:
+        state = self._state
+        traffic = state.traffic
+
+        served = CounterMetricFamily(
+            "streamsync_served_bytes",
+            "Blob bytes sent to clients, by source (cache: stored blob; stream: in flight)",
+            labels=["source"],
+        )
+        for source, count in traffic.served_bytes.items():
+            served.add_metric([source], count)
+        yield served
+
+        blobs = CounterMetricFamily(
+            "streamsync_blob_requests",
+            "Blob GETs: hit (from the cache), join (joined a download), miss (started one)",
+            labels=["result"],
+        )
+        for result, count in traffic.blob_requests.items():
+            blobs.add_metric([result], count)
+        yield blobs
+
+        yield CounterMetricFamily(
+            "streamsync_manifest_requests", "Manifest requests", value=traffic.manifest_requests
+        )
+        yield CounterMetricFamily(
+            "streamsync_manifest_upstream_fetches",
+            "Manifests fetched from an upstream (the rest were cache hits)",
+            value=state.manifests.upstream_fetches,
+        )
+
+        fetched = CounterMetricFamily(
+            "streamsync_upstream_bytes",
+            "Blob bytes fetched from each upstream",
+            labels=["upstream"],
+        )
+        resumes = CounterMetricFamily(
+            "streamsync_download_resumes",
+            "Blob downloads resumed after a drop or stall",
+            labels=["upstream"],
+        )
+        downloads = CounterMetricFamily(
+            "streamsync_downloads", "Blob downloads by outcome", labels=["upstream", "outcome"]
+        )
+        failures = CounterMetricFamily(
+            "streamsync_download_failures",
+            "Failed blob downloads by reason",
+            labels=["upstream", "reason"],
+        )
+        upstream_bytes_total = 0
+        for group, stats in state.downloads.stats.items():
+            fetched.add_metric([group], stats.upstream_bytes)
+            upstream_bytes_total += stats.upstream_bytes
+            resumes.add_metric([group], stats.resumes)
+            downloads.add_metric([group, "started"], stats.started)
+            downloads.add_metric([group, "committed"], stats.committed)
+            for reason, count in stats.failures.items():
+                failures.add_metric([group, reason], count)
+        yield from (fetched, resumes, downloads, failures)
+
+        in_flight = state.downloads.in_flight()
+        yield GaugeMetricFamily(
+            "streamsync_downloads_in_flight", "Blob downloads in flight", value=len(in_flight)
+        )
+        subscribers = GaugeMetricFamily(
+            "streamsync_download_subscribers",
+            "Clients following each in-flight download",
+            labels=["digest"],
+        )
+        for download in in_flight:
+            subscribers.add_metric([str(download.digest)], download.subscriber_count)
+        yield subscribers
+
+        client_bytes = sum(traffic.served_bytes.values())
+        yield GaugeMetricFamily(
+            "streamsync_dedupe_ratio",
+            "Blob bytes served to clients per blob byte fetched from upstreams",
+            value=client_bytes / upstream_bytes_total if upstream_bytes_total else 0.0,
+        )
+
+        requests = CounterMetricFamily(
+            "streamsync_upstream_requests",
+            "Requests to each upstream by outcome (HTTP status, or the failure before one)",
+            labels=["upstream", "outcome"],
+        )
+        latency = HistogramMetricFamily(
+            "streamsync_upstream_latency_seconds",
+            "Time from sending a request to an upstream to having its response headers",
+            labels=["upstream"],
+        )
+        for name, upstream in state.upstreams.items():
+            calls = upstream.stats
+            for outcome, count in calls.requests.items():
+                requests.add_metric([name, outcome], count)
+            buckets = [
+                (str(bound), float(count))
+                for bound, count in zip(LATENCY_BUCKETS, calls.latency_buckets, strict=True)
+            ]
+            buckets.append(("+Inf", float(calls.latency_count)))
+            latency.add_metric([name], buckets, calls.latency_sum)
+        yield requests
+        yield latency
+
+        usage = state.store.usage()
+        yield GaugeMetricFamily("streamsync_cache_blobs", "Blobs in the cache", value=usage.blobs)
+        yield GaugeMetricFamily(
+            "streamsync_cache_bytes", "Bytes of blobs in the cache", value=usage.bytes
+        )
+
+
+def render(state: ProxyState) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ProxyCollector(state))
+    return generate_latest(registry)
