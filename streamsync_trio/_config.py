@@ -57,6 +57,8 @@ class UpstreamConfig:
 class Config:
     storage_root: Path = Path("./data")
     chunk_size: int = 1024 * 1024
+    log_format: str = "text"  # or "json": one object a line
+    log_level: str = "info"
     upstreams: tuple[UpstreamConfig, ...] = field(
         default_factory=lambda: (
             UpstreamConfig(
@@ -155,6 +157,15 @@ def parse_config(data: dict[str, Any]) -> Config:
         raise ConfigError("stream.chunk_size: must be between 4096 and 67108864 bytes")
     stream.finish()
 
+    log = _Table(top.get("log", dict, {}), "log")
+    log_format = log.get("format", str, "text")
+    if log_format not in ("text", "json"):
+        raise ConfigError('log.format: must be "text" or "json"')
+    log_level = log.get("level", str, "info").lower()
+    if log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError('log.level: must be "debug", "info", "warning" or "error"')
+    log.finish()
+
     raw_upstreams = top.get("upstream", list, None)
     top.finish()
     if raw_upstreams is None:
@@ -169,7 +180,13 @@ def parse_config(data: dict[str, Any]) -> Config:
             raise ConfigError(f"upstream: name {name!r} is used twice")
     if sum(u.default for u in upstreams) > 1:
         raise ConfigError("upstream: more than one upstream has default = true")
-    return Config(storage_root=Path(root), chunk_size=chunk_size, upstreams=upstreams)
+    return Config(
+        storage_root=Path(root),
+        chunk_size=chunk_size,
+        upstreams=upstreams,
+        log_format=log_format,
+        log_level=log_level,
+    )
 
 
 def _parse_upstream(raw: Any, index: int) -> UpstreamConfig:

@@ -30,6 +30,7 @@ from werkzeug.exceptions import HTTPException
 
 from ._config import Config
 from ._errors import RegistryError, blob_unknown
+from ._logging import mark_source, with_access_log
 from ._manifests import CachedManifest, ManifestService
 from ._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ._metrics import Traffic
@@ -115,6 +116,7 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
     app.url_map.merge_slashes = False
     app.url_map.strict_slashes = False
     holder: dict[str, ProxyState] = {}
+    app.asgi_app = with_access_log(app.asgi_app)  # type: ignore[method-assign,assignment]
 
     def state() -> ProxyState:
         return holder["state"]
@@ -261,13 +263,16 @@ async def _blob(
         log.error("cannot open cached blob %s: %s", store.blob_path(digest), exc)
         raise RegistryError(500, "UNKNOWN", "cache read failed") from None
     source, joining = "stream", False
+    mark_source(request.scope, source)
     if fd is not None:
         subscriber = read_stored(digest, fd, store.blob_path(digest))
         source = "cache"
+        mark_source(request.scope, source)
     elif request.method == "HEAD":
         download = state.downloads.get(digest)
         size = download.size if download is not None else None
         if size is None:
+            mark_source(request.scope, "upstream")
             size = await upstream.head_blob(target.repo, str(digest))
         if size is None:
             raise blob_unknown(str(digest))

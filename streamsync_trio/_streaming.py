@@ -351,6 +351,7 @@ class DownloadRegistry:
             download = Download(digest, path, origin, group)
             self._downloads[digest] = download
             self._stats(download).started += 1
+            log.info("download %s started", digest, extra=_event("download_start", download))
             self._nursery.start_soon(self._produce, download, fd, source, stall_timeout, retry)
         return Subscriber(download)
 
@@ -379,14 +380,17 @@ class DownloadRegistry:
             download._finished.set()
             download._wake_all()
             log.info(
-                "download %s committed: %d bytes, %d upstream request(s), %d subscriber(s) left",
+                "download %s committed",
                 download.digest,
-                download.available,
-                download.upstream_requests,
-                download.subscriber_count,
+                extra=_event("download_finish", download),
             )
         except RegistryError as error:
-            log.warning("download %s failed: %s", download.digest, error.message)
+            log.warning(
+                "download %s failed: %s",
+                download.digest,
+                error.message,
+                extra=_event("download_fail", download, reason=_failure_reason(error)),
+            )
             self._stats(download).failed(_failure_reason(error))
             download._fail(error)
         except OSError as exc:
@@ -440,6 +444,12 @@ class DownloadRegistry:
                     delay,
                     attempt,
                     retry.max_retries,
+                    extra=_event(
+                        "download_resume",
+                        download,
+                        reason=_failure_reason(error),
+                        offset=download.available,
+                    ),
                 )
                 await trio.sleep(delay)
 
@@ -520,6 +530,24 @@ class DownloadRegistry:
         download.available += len(data)
         self._stats(download).upstream_bytes += len(data)
         download._wake_all()
+
+
+def _event(name: str, download: Download, **more: object) -> dict[str, object]:
+    """The structured fields of a download log line."""
+    origin = download.origin if isinstance(download.origin, tuple) else ("", "")
+    return {
+        "event": name,
+        "digest": str(download.digest),
+        "upstream": origin[0],
+        "repository": origin[1],
+        "size": download.size,
+        "bytes": download.available,
+        "duration_ms": round((trio.current_time() - download.started_at) * 1000, 1),
+        "subscribers": download.subscriber_count,
+        "upstream_requests": download.upstream_requests,
+        "resumes": download.resumes,
+        **more,
+    }
 
 
 def _write_and_hash(fd: int, offset: int, data: bytes, hasher: hashlib._Hash) -> None:

@@ -6,15 +6,11 @@ message naming the key, instead of surfacing on the first request.
 
 from __future__ import annotations
 
-import logging
 import sys
 
 from ._config import ConfigError, load_config
 from ._http import create_app
-
-logging.basicConfig(
-    level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-)
+from ._logging import configure
 
 try:
     config = load_config()
@@ -23,4 +19,5 @@ except ConfigError as exc:
     print(f"streamsync-trio: invalid configuration: {exc}", file=sys.stderr)
     raise SystemExit(2) from None
 
+configure(config.log_format, config.log_level)
 app = create_app(config)

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from .fakes import FakeRegistry
-from .httplab import MiB, fetch, real_time_fake, running_proxy
+from streamsync_trio._logging import JSONFormatter
+
+from .fakes import FakeRegistry, Fault
+from .httplab import MiB, fetch, fetch_until_abort, real_time_fake, running_proxy
 from .test_scoping import image_manifest
 
 UPSTREAM = "registry.fake.test"
@@ -116,3 +121,57 @@ async def test_health_and_readiness(tmp_path: Path) -> None:
         assert (await client.get(f"{proxy.url}/healthz")).status_code == 200
         partial_dir.unlink()
         partial_dir.mkdir()
+
+
+async def test_one_structured_line_per_request_and_per_download(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    fake = real_time_fake()
+    data = os.urandom(1 * MiB)
+    digest = fake.add_blob(data)
+    async with running_proxy(tmp_path, fake) as proxy, httpx.AsyncClient() as client:
+        await fetch(client, proxy.blob_url(digest))
+        await proxy.wait_stored(digest)
+        await fetch(client, proxy.blob_url(digest))
+        await client.get(f"{proxy.url}/v2/UPPER/manifests/v1")
+
+    formatter = JSONFormatter()
+    lines = [json.loads(formatter.format(r)) for r in caplog.records if hasattr(r, "event")]
+    requests = [line for line in lines if line["event"] == "request"]
+    blob_path = f"/v2/library/app/blobs/{digest}"
+    assert [(r["path"], r["status"], r["bytes"], r["source"]) for r in requests] == [
+        (blob_path, 200, len(data), "stream"),
+        (blob_path, 200, len(data), "cache"),
+        ("/v2/UPPER/manifests/v1", 400, requests[2]["bytes"], "-"),
+    ]
+    assert all(r["method"] == "GET" and r["duration_ms"] >= 0 for r in requests)
+    [start] = [line for line in lines if line["event"] == "download_start"]
+    [finish] = [line for line in lines if line["event"] == "download_finish"]
+    assert start["digest"] == finish["digest"] == digest
+    assert finish["repository"] == "library/app"
+    assert finish["upstream"] == UPSTREAM
+    assert finish["bytes"] == finish["size"] == len(data)
+    assert finish["upstream_requests"] == 1
+    assert finish["subscribers"] >= 0
+
+
+async def test_an_aborted_body_is_logged_with_the_bytes_really_sent(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    fake = real_time_fake()
+    data = os.urandom(2 * MiB)
+    digest = fake.add_blob(data)
+    fake.faults[digest] = [Fault(drop_at=1 * MiB)]
+    async with (
+        running_proxy(tmp_path, fake, max_retries=0) as proxy,
+        httpx.AsyncClient() as client,
+    ):
+        await fetch_until_abort(client, proxy.blob_url(digest))
+        await proxy.wait_idle()
+    [aborted] = [r for r in caplog.records if getattr(r, "event", "") == "request_aborted"]
+    assert aborted.status == 200  # type: ignore[attr-defined]
+    assert 0 < aborted.bytes < len(data)  # type: ignore[attr-defined]
+    [failed] = [r for r in caplog.records if getattr(r, "event", "") == "download_fail"]
+    assert failed.reason == "upstream_502"  # type: ignore[attr-defined]
