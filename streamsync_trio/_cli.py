@@ -9,7 +9,9 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from ._config import Config, ConfigError, load_config
+from ._config import Config, ConfigError, load_config, parse_size
+from ._eviction import collect_garbage
+from ._store import Store
 
 
 def _load() -> Config:
@@ -29,6 +31,48 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cache_stats(args: argparse.Namespace) -> int:
+    config = _load()
+    store = Store(config.storage_root)
+    usage = store.scan()
+    cap = "none" if config.max_size is None else _human(config.max_size)
+    print(f"cache      {store.root}")
+    print(f"blobs      {usage.blobs} ({_human(usage.bytes)}; cap {cap})")
+    for kind, count in store.counts().items():
+        print(f"{kind:<10} {count}")
+    return 0
+
+
+def _cache_gc(args: argparse.Namespace) -> int:
+    config = _load()
+    max_size = config.max_size
+    if args.max_size is not None:
+        try:
+            max_size = parse_size(args.max_size, "--max-size")
+        except ConfigError as exc:
+            print(f"streamsync-trio: {exc}", file=sys.stderr)
+            return 2
+    store = Store(config.storage_root)
+    result = collect_garbage(store, max_size, config.manifest_max_age_days, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} {result['blobs_removed']} blob(s), {_human(result['bytes_freed'])}")
+    if not args.dry_run:
+        print(
+            f"removed {result['manifests_removed']} manifest(s) and {result['tags_removed']} "
+            f"tag record(s) unused for {config.manifest_max_age_days:g} days"
+        )
+    return 0
+
+
+def _human(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{size} B"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="streamsync-trio",
@@ -37,6 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check-config", help="validate the configuration and exit")
     check.set_defaults(run=_check_config)
+
+    cache = commands.add_parser("cache", help="inspect or trim the cache (the config's root)")
+    cache_commands = cache.add_subparsers(dest="cache_command", required=True)
+    stats = cache_commands.add_parser("stats", help="what the cache holds")
+    stats.set_defaults(run=_cache_stats)
+    gc = cache_commands.add_parser(
+        "gc",
+        help="evict least recently used blobs down to the size cap; drop stale manifests/tags",
+    )
+    gc.add_argument("--max-size", help="cap to apply instead of [storage] max_size, e.g. 20GiB")
+    gc.add_argument("--dry-run", action="store_true", help="say what would go, remove nothing")
+    gc.set_defaults(run=_cache_gc)
     return parser
 
 

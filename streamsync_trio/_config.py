@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -56,6 +57,8 @@ class UpstreamConfig:
 @dataclass(frozen=True)
 class Config:
     storage_root: Path = Path("./data")
+    max_size: int | None = None  # bytes of blobs the cache may hold; None: no cap
+    manifest_max_age_days: float = 30.0  # `cache gc` drops manifests and tags unused this long
     chunk_size: int = 1024 * 1024
     log_format: str = "text"  # or "json": one object a line
     log_level: str = "info"
@@ -149,6 +152,9 @@ def parse_config(data: dict[str, Any]) -> Config:
     top = _Table(data, "")
     storage = _Table(top.get("storage", dict, {}), "storage")
     root = storage.get("root", str, "./data")
+    raw_max_size = storage.get("max_size", (str, int), None)
+    max_size = None if raw_max_size is None else parse_size(raw_max_size, "storage.max_size")
+    manifest_max_age_days = storage.positive_number("manifest_max_age_days", 30.0)
     storage.finish()
 
     stream = _Table(top.get("stream", dict, {}), "stream")
@@ -182,11 +188,42 @@ def parse_config(data: dict[str, Any]) -> Config:
         raise ConfigError("upstream: more than one upstream has default = true")
     return Config(
         storage_root=Path(root),
+        max_size=max_size,
+        manifest_max_age_days=manifest_max_age_days,
         chunk_size=chunk_size,
         upstreams=upstreams,
         log_format=log_format,
         log_level=log_level,
     )
+
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+
+
+def parse_size(value: str | int, key: str) -> int:
+    """``20GiB``, ``500MB``, ``1.5TiB`` or a plain number of bytes."""
+    if isinstance(value, int):
+        size = value
+    else:
+        match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", value)
+        unit = match.group(2).lower() if match else ""
+        if match is None or unit not in _SIZE_UNITS:
+            raise ConfigError(f'{key}: {value!r} is not a size like "20GiB" or "500MB"')
+        size = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if size <= 0:
+        raise ConfigError(f"{key}: must be positive")
+    return size
 
 
 def _parse_upstream(raw: Any, index: int) -> UpstreamConfig:

@@ -30,6 +30,7 @@ from werkzeug.exceptions import HTTPException
 
 from ._config import Config
 from ._errors import RegistryError, blob_unknown
+from ._eviction import CacheKeeper
 from ._logging import mark_source, with_access_log
 from ._manifests import CachedManifest, ManifestService
 from ._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -128,10 +129,25 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
         if removed:
             log.warning("removed %d partial download(s) left by a previous run", removed)
         usage = await trio.to_thread.run_sync(store.scan)
+        keeper: CacheKeeper | None = None
+        if config.max_size is not None:
+            keeper = CacheKeeper(
+                store,
+                config.max_size,
+                lambda digest: downloads.get(digest) is not None or store.is_being_read(digest),
+            )
+            app.nursery.start_soon(keeper.run)
+            keeper.blob_committed()  # the cap may have shrunk since the last run
+        downloads = DownloadRegistry(
+            store,
+            app.nursery,
+            chunk_size=config.chunk_size,
+            on_commit=(lambda _: keeper.blob_committed()) if keeper is not None else None,
+        )
         holder["state"] = ProxyState(
             config=config,
             store=store,
-            downloads=DownloadRegistry(store, app.nursery, chunk_size=config.chunk_size),
+            downloads=downloads,
             manifests=ManifestService(store, app.nursery),
             upstreams={u.name: Upstream(u, transport=transport) for u in config.upstreams},
             started_at=time.time(),
@@ -265,7 +281,9 @@ async def _blob(
     source, joining = "stream", False
     mark_source(request.scope, source)
     if fd is not None:
-        subscriber = read_stored(digest, fd, store.blob_path(digest))
+        subscriber = read_stored(
+            digest, fd, store.blob_path(digest), on_close=partial(store.release, digest)
+        )
         source = "cache"
         mark_source(request.scope, source)
     elif request.method == "HEAD":

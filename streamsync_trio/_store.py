@@ -56,6 +56,7 @@ class Store:
         # the tree; ``scan`` (at start, in a worker thread) sets the initial numbers.
         self._blob_count = 0
         self._blob_bytes = 0
+        self._readers: dict[Digest, int] = {}
 
     def scan(self) -> Usage:
         count = size = 0
@@ -102,11 +103,80 @@ class Store:
             return None
 
     def open_blob(self, digest: Digest) -> int | None:
-        """A read-only fd on the stored blob, or None.  Open, then fstat: no stat/open race."""
+        """A read-only fd on the stored blob, or None.  Open, then fstat: no stat/open race.
+
+        Marks the blob as just used (its mtime is the LRU clock) and as being read until
+        :meth:`release`, so eviction passes it by.
+        """
+        path = self.blob_path(digest)
         try:
-            return os.open(self.blob_path(digest), os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
+        self._readers[digest] = self._readers.get(digest, 0) + 1
+        try:
+            os.utime(fd)
+        except OSError:
+            pass  # a read-only cache still serves; it just cannot keep its LRU order
+        return fd
+
+    def release(self, digest: Digest) -> None:
+        left = self._readers.get(digest, 0) - 1
+        if left > 0:
+            self._readers[digest] = left
+        else:
+            self._readers.pop(digest, None)
+
+    def is_being_read(self, digest: Digest) -> bool:
+        return digest in self._readers
+
+    def blobs_by_age(self) -> list[tuple[float, int, Digest]]:
+        """(last use, size, digest) of every stored blob, least recently used first."""
+        found = []
+        for algorithm in self._blobs.iterdir():
+            for entry in os.scandir(algorithm):
+                if entry.is_file(follow_symlinks=False):
+                    stat = entry.stat(follow_symlinks=False)
+                    found.append((stat.st_mtime, stat.st_size, Digest(algorithm.name, entry.name)))
+        found.sort()
+        return found
+
+    def set_usage(self, blobs: int, size: int) -> None:
+        """Correct the running totals from a fresh listing (another process may have evicted)."""
+        self._blob_count, self._blob_bytes = blobs, size
+
+    def remove_blob(self, digest: Digest) -> int:
+        """Delete a stored blob; returns the bytes freed (0 if it was already gone)."""
+        path = self.blob_path(digest)
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            return 0
+        self._blob_count -= 1
+        self._blob_bytes -= size
+        return size
+
+    def expire_manifests_and_tags(self, older_than: float) -> tuple[int, int]:
+        """Remove manifests and tag records not used since ``older_than`` (wall clock)."""
+        manifests = tags = 0
+        for path in self._manifests.rglob("*"):
+            if path.is_file() and path.stat().st_mtime < older_than:
+                path.unlink(missing_ok=True)
+                manifests += 1
+        for path in self._tags.rglob("_tags/*"):
+            if path.is_file() and path.stat().st_mtime < older_than:
+                path.unlink(missing_ok=True)
+                tags += 1
+        return manifests, tags
+
+    def counts(self) -> dict[str, int]:
+        """What the cache holds, by kind (for ``streamsync-trio cache stats``)."""
+        return {
+            "manifests": sum(1 for p in self._manifests.rglob("*") if p.is_file()),
+            "tags": sum(1 for p in self._tags.rglob("_tags/*") if p.is_file()),
+            "partials": sum(1 for _ in self.partial_dir.iterdir()),
+        }
 
     def new_partial(self, digest: Digest) -> Path:
         """A fresh, unique partial path: two generations of one digest never share a file."""
@@ -129,8 +199,10 @@ class Store:
         return self._manifests / digest.algorithm / digest.hex
 
     def read_manifest(self, digest: Digest) -> tuple[bytes, str] | None:
+        path = self._manifest_path(digest)
         try:
-            raw = self._manifest_path(digest).read_bytes()
+            raw = path.read_bytes()
+            os.utime(path)  # last use, for `cache gc`
         except FileNotFoundError:
             return None
         media_type, _, body = raw.partition(b"\n")

@@ -187,8 +187,14 @@ class Download:
 class Subscriber:
     """One reader of a download: a client response, from ``start`` to ``end`` (exclusive)."""
 
-    def __init__(self, download: Download, fd: int | None = None) -> None:
+    def __init__(
+        self,
+        download: Download,
+        fd: int | None = None,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
         self.download = download
+        self._on_close = on_close
         self.offset = 0
         self._end: int | None = None
         # Opened synchronously, in the same scheduling step that found the download, so the
@@ -272,6 +278,8 @@ class Subscriber:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+            if self._on_close is not None:
+                self._on_close()
 
     def __del__(self) -> None:
         # Last line of defence: a response dropped before its body was ever iterated
@@ -280,7 +288,9 @@ class Subscriber:
             self.close()
 
 
-def read_stored(digest: Digest, fd: int, path: Path) -> Subscriber:
+def read_stored(
+    digest: Digest, fd: int, path: Path, on_close: Callable[[], None] | None = None
+) -> Subscriber:
     """A subscriber over a blob already in the store (open at ``fd``): nothing in flight."""
     size = os.fstat(fd).st_size
     download = Download(digest, path)
@@ -288,7 +298,7 @@ def read_stored(digest: Digest, fd: int, path: Path) -> Subscriber:
     download.verified = True
     download._set_size(size)
     download._finished.set()
-    return Subscriber(download, fd)
+    return Subscriber(download, fd, on_close)
 
 
 class DownloadRegistry:
@@ -304,8 +314,10 @@ class DownloadRegistry:
         nursery: trio.Nursery,
         *,
         chunk_size: int = 1024 * 1024,
+        on_commit: Callable[[Download], None] | None = None,
     ) -> None:
         self._store = store
+        self._on_commit = on_commit
         self._nursery = nursery
         self._chunk_size = chunk_size
         self._downloads: dict[Digest, Download] = {}
@@ -379,6 +391,8 @@ class DownloadRegistry:
             self._drop(download)
             download._finished.set()
             download._wake_all()
+            if self._on_commit is not None:
+                self._on_commit(download)
             log.info(
                 "download %s committed",
                 download.digest,

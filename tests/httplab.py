@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -48,9 +48,15 @@ class Running:
 
 @asynccontextmanager
 async def running_proxy(
-    tmp_path: Path, fake: FakeRegistry, **upstream: object
+    tmp_path: Path,
+    fake: FakeRegistry,
+    *,
+    max_size: int | None = None,
+    **upstream: object,
 ) -> AsyncIterator[Running]:
-    app = create_app(make_config(tmp_path / "cache", **upstream), transport=fake)
+    """The app under hypercorn on a free port; ``upstream`` settings go to its one upstream."""
+    proxy_config = replace(make_config(tmp_path / "cache", **upstream), max_size=max_size)
+    app = create_app(proxy_config, transport=fake)
     config = HypercornConfig()
     config.bind = ["127.0.0.1:0"]
     config.alpn_protocols = ["http/1.1"]

@@ -1,0 +1,148 @@
+"""The size-capped cache: LRU eviction in the running proxy, and the cache commands."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from streamsync_trio import parse_config
+from streamsync_trio._cli import main
+from streamsync_trio._eviction import plan_eviction
+from streamsync_trio._reference import Digest, parse_digest
+from streamsync_trio._store import Store
+
+from .httplab import MiB, Running, fetch, real_time_fake, running_proxy
+from .proclab import write_config
+
+
+def d(n: int) -> Digest:
+    return Digest("sha256", f"{n:064x}")
+
+
+def test_plan_takes_least_recently_used_first_and_skips_busy_blobs() -> None:
+    listing = [(1.0, 100, d(1)), (2.0, 100, d(2)), (3.0, 100, d(3)), (4.0, 100, d(4))]
+    assert plan_eviction(listing, 400, 250, lambda _: False) == [d(1), d(2)]
+    assert plan_eviction(listing, 400, 250, lambda x: x == d(1)) == [d(2), d(3)]
+    assert plan_eviction(listing, 400, 400, lambda _: False) == []
+    assert plan_eviction(listing, 400, 0, lambda _: True) == []
+
+
+def stored(proxy: Running, digest: str) -> bool:
+    return proxy.state.store.blob_size(parse_digest(digest)) is not None
+
+
+async def settle() -> None:
+    # File times have a coarse clock tick: space out uses so LRU order is unambiguous.
+    await trio.sleep(0.05)
+
+
+async def test_proxy_evicts_least_recently_used_blobs_over_the_cap(tmp_path: Path) -> None:
+    fake = real_time_fake()
+    a, b, c, e = (fake.add_blob(os.urandom(1 * MiB)) for _ in range(4))
+    async with (
+        running_proxy(tmp_path, fake, max_size=int(2.5 * MiB)) as proxy,
+        httpx.AsyncClient() as client,
+    ):
+        if True:
+            for digest in (a, b):
+                await fetch(client, proxy.blob_url(digest))
+                await proxy.wait_stored(digest)
+                await settle()
+            await fetch(client, proxy.blob_url(a))  # a is now more recent than b
+            await settle()
+            await fetch(client, proxy.blob_url(c))  # 3 MiB > 2.5 MiB: evict down to 2.25
+            await proxy.wait_stored(c)
+            with trio.fail_after(5):
+                while stored(proxy, b):
+                    await trio.sleep(0.01)
+            assert stored(proxy, a)
+            assert stored(proxy, c)
+            assert proxy.state.store.usage().bytes == 2 * MiB
+            await settle()
+            # Evicted blobs come back on demand.
+            response, _ = await fetch(client, proxy.blob_url(b))
+            assert response.status_code == 200
+            assert len(fake.blob_gets(b)) == 2
+            await proxy.wait_stored(b)
+            with trio.fail_after(5):
+                while stored(proxy, a):  # now a is the least recently used
+                    await trio.sleep(0.01)
+            assert not stored(proxy, e)
+
+
+async def test_a_blob_being_read_is_never_evicted(tmp_path: Path) -> None:
+    fake = real_time_fake()
+    oldest = os.urandom(2 * MiB)
+    oldest_digest = fake.add_blob(oldest)
+    newer = [fake.add_blob(os.urandom(1 * MiB)) for _ in range(2)]
+    async with (
+        running_proxy(tmp_path, fake, max_size=int(2.5 * MiB)) as proxy,
+        httpx.AsyncClient() as client,
+    ):
+        await fetch(client, proxy.blob_url(oldest_digest))
+        await proxy.wait_stored(oldest_digest)
+        await settle()
+        async with client.stream("GET", proxy.blob_url(oldest_digest)) as slow:
+            chunks = slow.aiter_raw()
+            received = len(await anext(chunks))  # a slow reader holds the oldest blob
+            for digest in newer:
+                response, _ = await fetch(client, proxy.blob_url(digest))
+                assert response.status_code == 200
+                await proxy.wait_idle()
+                await settle()
+            # Over the cap, and the least recently used, but being read: it stays, and the
+            # pass takes the next one in LRU order instead.
+            assert stored(proxy, oldest_digest)
+            assert proxy.state.store.usage().bytes <= int(2.5 * MiB)
+            async for chunk in chunks:
+                received += len(chunk)
+        assert received == len(oldest)
+        # Once released, the next commit's pass may take it.
+        extra = fake.add_blob(os.urandom(1 * MiB))
+        await fetch(client, proxy.blob_url(extra))
+        with trio.fail_after(5):
+            while stored(proxy, oldest_digest):
+                await trio.sleep(0.01)
+
+
+def test_cache_stats_and_gc_commands(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cache = tmp_path / "cache"
+    store = Store(cache)
+    sizes = [300, 200, 100]
+    for age, size in enumerate(sizes):
+        digest = d(age + 1)
+        path = store.blob_path(digest)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x" * size)
+        os.utime(path, (1000 + age, 1000 + age))
+    store.write_manifest(d(9), b"{}", "application/json")
+    config = write_config(tmp_path / "cfg.toml", cache, "http://127.0.0.1:9")
+    monkeypatch.setenv("STREAMSYNC_CONFIG", str(config))
+
+    assert main(["cache", "stats"]) == 0
+    out = capsys.readouterr().out
+    assert "blobs      3 (600 B; cap none)" in out
+    assert "manifests  1" in out
+
+    assert main(["cache", "gc", "--max-size", "250", "--dry-run"]) == 0
+    assert "would remove 2 blob(s), 500 B" in capsys.readouterr().out
+    assert len(store.blobs_by_age()) == 3
+
+    assert main(["cache", "gc", "--max-size", "350"]) == 0
+    assert "removed 1 blob(s), 300 B" in capsys.readouterr().out
+    assert [digest for _, _, digest in store.blobs_by_age()] == [d(2), d(3)]
+
+    assert main(["cache", "gc", "--max-size", "lots"]) == 2
+
+
+def test_max_size_config_is_parsed() -> None:
+    config = parse_config({"storage": {"max_size": "1.5GiB"}})
+    assert config.max_size == int(1.5 * 1024**3)
+    assert replace(config, max_size=None).max_size is None
