@@ -39,7 +39,7 @@ from ._metrics import render as render_metrics
 from ._ranges import parse_range
 from ._reference import Endpoint, parse_digest, parse_v2_path
 from ._routing import Route, route
-from ._status import status_snapshot
+from ._status import render_status_page, status_snapshot
 from ._store import Store
 from ._streaming import DownloadRegistry, RetryPolicy, Subscriber, read_stored
 from ._upstream import Upstream
@@ -192,6 +192,11 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
     @app.route("/metrics")
     async def metrics() -> Response:
         return Response(render_metrics(state()), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+    @app.route("/_status")
+    async def status_page() -> Response:
+        page = render_status_page(status_snapshot(state()))
+        return Response(page, headers={"Content-Type": "text/html; charset=utf-8"})
 
     @app.route("/_status.json")
     async def status_json() -> Response:
