@@ -79,6 +79,18 @@ class RetryPolicy:
     # Honour an upstream Retry-After, but never wait longer than this for one attempt.
     retry_after_cap: float = 60.0
 
+    def budget(self, size: int | None, error: RegistryError) -> int:
+        """How many retries this failure may use.
+
+        Resuming a transfer that started (we know the blob's size) is worth the whole budget,
+        and so is an upstream that asked us to wait.  But an upstream that never answered is
+        most likely down: one quick retry for a blip, then the clients hear it promptly
+        instead of waiting through every backoff.
+        """
+        if size is not None or "Retry-After" in error.headers:
+            return self.max_retries
+        return min(self.max_retries, 1)
+
     def delay(self, attempt: int, error: RegistryError) -> float:
         retry_after = error.headers.get("Retry-After", "")
         if retry_after.isdigit():
@@ -444,7 +456,7 @@ class DownloadRegistry:
                 await self._fetch_attempt(download, fd, source, stall_timeout, hasher)
                 break
             except RegistryError as error:
-                if not _is_transient(error) or attempt >= retry.max_retries:
+                if not _is_transient(error) or attempt >= retry.budget(download.size, error):
                     raise
                 delay = retry.delay(attempt, error)
                 attempt += 1

@@ -113,3 +113,16 @@ def test_parse_retry_after(value: str | None, expected: float | None) -> None:
 
 def test_parse_retry_after_http_date_in_the_past_is_zero() -> None:
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
+
+
+async def test_an_upstream_that_never_answers_fails_fast_despite_the_retry_budget(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    async with open_lab(tmp_path, max_retries=5) as lab:
+        digest = lab.fake.add_blob(blob(1000))
+        lab.fake.down = True
+        outcome = await drain(lab.subscribe(digest))
+        assert outcome.error is not None
+        assert outcome.error.status == 502
+        assert len(lab.fake.blob_gets(digest)) == 2  # one quick retry for a blip, no more
+        assert outcome.ended_at < 1.0  # backoff base 0.1 s: not the whole 5-retry schedule
