@@ -12,13 +12,17 @@ stopped through the PID we hold.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
+import io
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -78,7 +82,7 @@ class Upstream:
     access_log: Path
 
     def upstream_bytes(self, path_fragment: str = "/blobs/") -> int:
-        """Bytes nginx sent for requests whose path contains ``path_fragment``."""
+        """Bytes nginx sent for GETs whose path contains ``path_fragment``."""
         total = 0
         for line in self.access_log.read_text().splitlines():
             method, path, _status, sent = line.split(" ")
@@ -185,6 +189,51 @@ def proxy(workdir: Path, upstream_url: str, *, chunk_size: int = 1024 * 1024) ->
 
 def tree_rss_bytes(pid: int) -> int:
     """Resident memory of a process and all its descendants, from /proc."""
+    total = 0
+    for member in _tree(pid):
+        try:
+            for line in Path(f"/proc/{member}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total
+
+
+@contextlib.contextmanager
+def distribution_proxy(workdir: Path, upstream_url: str) -> Iterator[Proxy]:
+    """CNCF Distribution itself in pull-through proxy mode: the mirror users already know."""
+    port = free_port()
+    cache = workdir / "distribution-cache"
+    config = workdir / "distribution-proxy.yml"
+    config.write_text(
+        "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n"
+        f"storage:\n  filesystem:\n    rootdirectory: {cache}\n"
+        f"http:\n  addr: 127.0.0.1:{port}\n"
+        f"proxy:\n  remoteurl: {upstream_url}\n"
+    )
+    args = ["docker-registry", "serve", str(config)]
+    with process(args, workdir / "distribution-proxy.log") as pid:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/v2/")
+        yield Proxy(url, pid, cache)
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its live descendants (and their reaped children)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for member in _tree(pid):
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # utime, stime, cutime, cstime are fields 14-17 of stat; index 11-14 after the name.
+        total += sum(int(value) for value in fields[11:15]) / ticks
+    return total
+
+
+def _tree(pid: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -193,17 +242,84 @@ def tree_rss_bytes(pid: int) -> int:
             stat = Path(f"/proc/{entry}/stat").read_text()
         except OSError:
             continue
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(parent, []).append(int(entry))
-    total = 0
-    stack = [pid]
+        children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    members, stack = [], [pid]
     while stack:
         current = stack.pop()
-        try:
-            for line in Path(f"/proc/{current}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-        except OSError:
-            continue
+        members.append(current)
         stack.extend(children.get(current, []))
-    return total
+    return members
+
+
+def push_image(workdir: Path, registry_url: str, repo: str, layers: int, layer_size: int) -> None:
+    """Build an OCI layout of random layers and copy it into the registry with skopeo."""
+    layout = workdir / "image-layout"
+    blobs = layout / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+
+    def put(data: bytes) -> tuple[str, int]:
+        hexdigest = hashlib.sha256(data).hexdigest()
+        (blobs / hexdigest).write_bytes(data)
+        return f"sha256:{hexdigest}", len(data)
+
+    descriptors, diff_ids = [], []
+    for index in range(layers):
+        raw = io.BytesIO()
+        with tarfile.open(fileobj=raw, mode="w") as tar:
+            info = tarfile.TarInfo(f"layer{index}")
+            info.size = layer_size
+            tar.addfile(info, io.BytesIO(os.urandom(layer_size)))
+        diff_ids.append("sha256:" + hashlib.sha256(raw.getvalue()).hexdigest())
+        digest, size = put(gzip.compress(raw.getvalue(), compresslevel=1))
+        descriptors.append(
+            {
+                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                "digest": digest,
+                "size": size,
+            }
+        )
+    config = json.dumps(
+        {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": diff_ids}}
+    ).encode()
+    config_digest, config_size = put(config)
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": config_digest,
+                "size": config_size,
+            },
+            "layers": descriptors,
+        }
+    ).encode()
+    manifest_digest, manifest_size = put(manifest)
+    (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    (layout / "index.json").write_text(
+        json.dumps(
+            {
+                "schemaVersion": 2,
+                "manifests": [
+                    {
+                        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                        "digest": manifest_digest,
+                        "size": manifest_size,
+                        "annotations": {"org.opencontainers.image.ref.name": "v1"},
+                    }
+                ],
+            }
+        )
+    )
+    host = registry_url.removeprefix("http://")
+    subprocess.run(
+        [
+            "skopeo",
+            "copy",
+            "--dest-tls-verify=false",
+            f"oci:{layout}:v1",
+            f"docker://{host}/{repo}:v1",
+        ],
+        check=True,
+        capture_output=True,
+    )
