@@ -175,13 +175,13 @@ def proxy(workdir: Path, upstream_url: str, *, chunk_size: int = 1024 * 1024) ->
     config = workdir / "streamsync.toml"
     config.write_text(
         f'[storage]\nroot = "{cache}"\n[stream]\nchunk_size = {chunk_size}\n'
+        f'[log]\nlevel = "warning"\n'
         f'[[upstream]]\nname = "{name}"\nurl = "{upstream_url}"\ndefault = true\n'
     )
-    hypercorn = str(Path(sys.executable).parent / "hypercorn")
     env = {**os.environ, "STREAMSYNC_CONFIG": str(config)}
-    args = [hypercorn, "--config", "hypercorn.toml", "--bind", f"127.0.0.1:{port}"]
-    args += ["--access-logfile", "-" if os.environ.get("BENCH_ACCESS_LOG") else "/dev/null"]
-    with process([*args, "streamsync_trio.app:app"], workdir / "proxy.log", env) as pid:
+    # The README's way: one process, hypercorn's trio server, the repo's hypercorn.toml.
+    args = [sys.executable, "-m", "streamsync_trio", "serve", "--bind", f"127.0.0.1:{port}"]
+    with process(args, workdir / "proxy.log", env) as pid:
         url = f"http://127.0.0.1:{port}"
         wait_http(url + "/v2/")
         yield Proxy(url, pid, cache)

@@ -8,9 +8,11 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from ._config import Config, ConfigError, load_config, parse_size
 from ._eviction import collect_garbage
+from ._serve import serve
 from ._store import Store
 
 
@@ -73,12 +75,31 @@ def _human(size: int) -> str:
     raise AssertionError("unreachable")
 
 
+def _serve(args: argparse.Namespace) -> int:
+    return serve(Path(args.hypercorn_config), args.bind, args.graceful_timeout)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="streamsync-trio",
         description="Pull-through caching proxy for OCI registries (streaming sync).",
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    serving = commands.add_parser(
+        "serve", help="run the proxy in this process (graceful on SIGTERM and Ctrl-C)"
+    )
+    serving.add_argument(
+        "--hypercorn-config", default="hypercorn.toml", help="hypercorn settings (TOML)"
+    )
+    serving.add_argument(
+        "--bind", action="append", help="address to listen on, e.g. 0.0.0.0:5000 (repeatable)"
+    )
+    serving.add_argument(
+        "--graceful-timeout",
+        type=float,
+        help="seconds in-flight responses get after SIGTERM (default: hypercorn.toml's)",
+    )
+    serving.set_defaults(run=_serve)
     check = commands.add_parser("check-config", help="validate the configuration and exit")
     check.set_defaults(run=_check_config)
 

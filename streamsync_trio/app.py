@@ -11,6 +11,7 @@ import sys
 from ._config import ConfigError, load_config
 from ._http import create_app
 from ._logging import configure
+from ._process import limit_malloc_arenas
 
 try:
     config = load_config()
@@ -20,4 +21,5 @@ except ConfigError as exc:
     raise SystemExit(2) from None
 
 configure(config.log_format, config.log_level)
+limit_malloc_arenas()
 app = create_app(config)

@@ -35,13 +35,26 @@ def write_config(path: Path, cache: Path, upstream_url: str, **upstream: object)
 
 
 def start(
-    cwd: Path, port: int, config: Path | None, extra_args: tuple[str, ...] = ()
+    cwd: Path,
+    port: int,
+    config: Path | None,
+    extra_args: tuple[str, ...] = (),
+    *,
+    launcher: str = "hypercorn",
 ) -> subprocess.Popen[bytes]:
+    """Start the proxy as the README does: ``hypercorn ... streamsync_trio.app:app``, or
+    (``launcher="serve"``) ``streamsync-trio serve``, both with the repo's hypercorn.toml."""
     env = {k: v for k, v in os.environ.items() if k != "STREAMSYNC_CONFIG"}
     if config is not None:
         env["STREAMSYNC_CONFIG"] = str(config)
-    command = [HYPERCORN, "--config", str(REPO_ROOT / "hypercorn.toml"), *extra_args]
-    command += ["--bind", f"127.0.0.1:{port}", "streamsync_trio.app:app"]
+    hypercorn_toml = str(REPO_ROOT / "hypercorn.toml")
+    if launcher == "serve":
+        command = [sys.executable, "-m", "streamsync_trio", "serve"]
+        command += ["--hypercorn-config", hypercorn_toml, "--bind", f"127.0.0.1:{port}"]
+        command += list(extra_args)
+    else:
+        command = [HYPERCORN, "--config", hypercorn_toml, *extra_args]
+        command += ["--bind", f"127.0.0.1:{port}", "streamsync_trio.app:app"]
     return subprocess.Popen(
         command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )

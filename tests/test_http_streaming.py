@@ -188,15 +188,21 @@ async def test_unreadable_cached_blob_is_a_clean_500_and_logged_with_its_path(
         assert response.json()["errors"][0]["code"] == "UNKNOWN"
         assert str(path) in caplog.text
 
-        real_pread = os.pread
+        real_pread, real_preadv = os.pread, os.preadv
 
         def failing_pread(fd: int, count: int, offset: int) -> bytes:
             if offset >= MiB:
                 raise OSError(5, "Input/output error")
             return real_pread(fd, count, offset)
 
-        with monkeypatch.context() as patch:
+        def failing_preadv(fd: int, buffers: list[bytearray], offset: int, flags: int = 0) -> int:
+            if offset >= MiB:
+                raise OSError(5, "Input/output error")
+            return real_preadv(fd, buffers, offset, flags)
+
+        with monkeypatch.context() as patch:  # the disk fails past the first MiB
             patch.setattr(os, "pread", failing_pread)
+            patch.setattr(os, "preadv", failing_preadv)
             status, length, received = await fetch_until_abort(client, proxy.blob_url(digest))
         assert (status, length) == (200, len(data))
         assert len(received) < len(data)

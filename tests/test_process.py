@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 
 from .fake_server import serving
@@ -43,12 +44,15 @@ class ProxyProcess:
 
 @asynccontextmanager
 async def proxy_process(
-    tmp_path: Path, upstream_url: str, extra_args: tuple[str, ...] = ()
+    tmp_path: Path,
+    upstream_url: str,
+    extra_args: tuple[str, ...] = (),
+    launcher: str = "hypercorn",
 ) -> AsyncIterator[ProxyProcess]:
     cache = tmp_path / "cache"
     config = write_config(tmp_path / "cfg.toml", cache, upstream_url, read_timeout=30)
     port = free_port()
-    process = start(tmp_path, port, config, extra_args)
+    process = start(tmp_path, port, config, extra_args, launcher=launcher)
     url = f"http://127.0.0.1:{port}"
     try:
         await wait_ready(url, process)
@@ -103,8 +107,9 @@ async def test_kill_9_mid_download_leaves_nothing_servable_and_restart_recovers(
             assert hashlib.sha256(blob.read_bytes()).hexdigest() == blob.name
 
 
+@pytest.mark.parametrize("launcher", ["hypercorn", "serve"])
 async def test_sigterm_ends_downloads_within_the_graceful_timeout_and_exits_0(
-    tmp_path: Path,
+    tmp_path: Path, launcher: str
 ) -> None:
     fake = FakeRegistry(chunk_delay=0.02)  # 64 MiB at 3.2 MB/s: 20 s, far past the bound
     data = os.urandom(64 * MiB)
@@ -112,7 +117,9 @@ async def test_sigterm_ends_downloads_within_the_graceful_timeout_and_exits_0(
     graceful = 2
     async with (
         serving(fake) as upstream_url,
-        proxy_process(tmp_path, upstream_url, ("--graceful-timeout", str(graceful))) as proxy,
+        proxy_process(
+            tmp_path, upstream_url, ("--graceful-timeout", str(graceful)), launcher
+        ) as proxy,
         httpx.AsyncClient() as client,
         client.stream("GET", proxy.blob_url(digest)) as response,
     ):

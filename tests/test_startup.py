@@ -48,6 +48,17 @@ def test_invalid_config_stops_the_server_naming_the_key(
     )
     assert check.returncode == 2
     assert named_key in check.stderr
+    served = subprocess.run(
+        [sys.executable, "-m", "streamsync_trio", "serve", "--bind", f"127.0.0.1:{free_port()}"],
+        cwd=tmp_path,
+        env={**os.environ, "STREAMSYNC_CONFIG": str(config)},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
+    assert served.returncode == 2
+    assert named_key in served.stderr
 
 
 async def test_defaults_serve_from_dot_data_without_touching_the_upstream(tmp_path: Path) -> None:
