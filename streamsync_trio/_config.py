@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from ._reference import is_host_like
+from ._reference import is_registry_host
 
 CONFIG_ENV = "STREAMSYNC_CONFIG"
 DEFAULT_CONFIG_FILE = "streamsync.toml"
@@ -231,7 +231,7 @@ def _parse_upstream(raw: Any, index: int) -> UpstreamConfig:
     name = table.get("name", str, None)
     if name is None:
         raise ConfigError(f"upstream[{index}].name: missing")
-    if not is_host_like(name) or "/" in name:
+    if not is_registry_host(name):
         raise ConfigError(
             f"upstream[{index}].name: {name!r} must look like a registry host "
             "(contain '.' or ':' or be 'localhost') so it cannot be mistaken for a namespace"
@@ -260,8 +260,8 @@ def _parse_upstream(raw: Any, index: int) -> UpstreamConfig:
         max_queue=table.get("max_queue", int, 256),
         implicit_library=table.get("implicit_library", bool, name == "docker.io"),
     )
-    if upstream.tag_ttl < 0:
-        raise ConfigError(f"upstream[{index}].tag_ttl: must be >= 0")
+    if not math.isfinite(upstream.tag_ttl) or upstream.tag_ttl < 0:
+        raise ConfigError(f"upstream[{index}].tag_ttl: must be a finite number >= 0")
     if not 0 <= upstream.max_retries <= 100:
         raise ConfigError(f"upstream[{index}].max_retries: must be between 0 and 100")
     if not 1 <= upstream.max_concurrent <= 1024:

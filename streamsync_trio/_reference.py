@@ -79,6 +79,21 @@ def is_host_like(component: str) -> bool:
     return "." in component or ":" in component or component == "localhost"
 
 
+_HOST_RE = re.compile(
+    r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?\.)*[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?"
+    r"(?::[0-9]{1,5})?"
+)
+
+
+def is_registry_host(name: str) -> bool:
+    """A real ``host[:port]``: host-like by Docker's rule *and* a valid DNS name or address.
+
+    ``..`` is host-like (it has a dot) but no host; such a name must never become an upstream
+    or a path component under the cache root.
+    """
+    return is_host_like(name) and _HOST_RE.fullmatch(name) is not None
+
+
 EndpointKind = Literal["manifest", "blob", "tags", "referrers"]
 
 

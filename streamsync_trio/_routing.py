@@ -6,16 +6,11 @@ gets either a :class:`Route` or a :class:`RegistryError` with the right OCI code
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from ._config import Config, UpstreamConfig
 from ._errors import name_invalid, name_unknown
-from ._reference import is_host_like, validate_name
-
-_HOST_RE = re.compile(
-    r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?\.)*[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?::[0-9]{1,5})?"
-)
+from ._reference import is_host_like, is_registry_host, validate_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +33,7 @@ def route(config: Config, name: str, ns: str | None = None) -> Route:
             raise name_unknown(name, f"no upstream is configured for ns={ns[:100]!r}")
         repo = rest if first == ns and rest else name
     elif is_host_like(first):
-        if not _HOST_RE.fullmatch(first):
+        if not is_registry_host(first):
             # ``..``, ``a\\b.c``: host-like by Docker's rule, but neither a host nor a name.
             raise name_invalid(name, f"{first[:100]!r} is neither a registry host nor a name")
         upstream = config.upstream_named(first)
