@@ -179,16 +179,9 @@ class Upstream:
             declared = response.headers.get("Content-Length")
             if declared is not None and declared.isdigit() and int(declared) > MAX_MANIFEST_BYTES:
                 raise upstream_unavailable(self.name, "manifest larger than 4 MiB")
-            body = bytearray()
-            try:
-                async for chunk in response.aiter_bytes():
-                    body += chunk
-                    if len(body) > MAX_MANIFEST_BYTES:
-                        raise upstream_unavailable(self.name, "manifest larger than 4 MiB")
-            except httpx.HTTPError as exc:
-                raise self._transport_error(exc) from exc
+            body = await self._small_body(response, "manifest")
             return Manifest(
-                bytes(body),
+                body,
                 _media_type(response),
                 response.headers.get("Docker-Content-Digest"),
             )
@@ -239,20 +232,26 @@ class Upstream:
         async with self._open("GET", path, repo, {"Accept": "application/json, */*"}, params) as r:
             if r.status_code >= 500 or r.status_code in (401, 403, 429):
                 self._raise_for_status(r, "NAME_UNKNOWN", repo)
-            body = bytearray()
-            try:
-                async for chunk in r.aiter_bytes():
-                    body += chunk
-                    if len(body) > MAX_MANIFEST_BYTES:
-                        raise upstream_unavailable(self.name, "response larger than 4 MiB")
-            except httpx.HTTPError as exc:
-                raise self._transport_error(exc) from exc
+            body = await self._small_body(r, "response")
             headers = {"Content-Type": r.headers.get("Content-Type", "application/json")}
             if "Link" in r.headers:
                 headers["Link"] = r.headers["Link"]
-            return Passthrough(r.status_code, bytes(body), headers)
+            return Passthrough(r.status_code, body, headers)
 
     # -- plumbing ----------------------------------------------------------------------------
+
+    async def _small_body(self, response: httpx.Response, what: str) -> bytes:
+        """Read a JSON-sized body whole, refusing more than 4 MiB (a hostile upstream could
+        otherwise make us buffer anything)."""
+        body = bytearray()
+        try:
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > MAX_MANIFEST_BYTES:
+                    raise upstream_unavailable(self.name, f"{what} larger than 4 MiB")
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc) from exc
+        return bytes(body)
 
     async def _raw_chunks(self, response: httpx.Response) -> AsyncIterator[bytes]:
         # aiter_raw: the bytes exactly as sent, so they hash to the digest.
