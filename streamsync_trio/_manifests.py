@@ -37,6 +37,7 @@ MANIFEST_MEDIA_TYPES = (
     "application/vnd.docker.distribution.manifest.v2+json",
 )
 DEFAULT_ACCEPT = ", ".join(MANIFEST_MEDIA_TYPES)
+_ALL_TYPES = frozenset(MANIFEST_MEDIA_TYPES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +54,20 @@ def accepted_types(accept: str) -> frozenset[str] | None:
     if not types or "*/*" in types:
         return None
     return frozenset(types)
+
+
+def _record_name(tag: str, accept: frozenset[str] | None) -> str:
+    """Which tag record answers a client with this ``Accept``.
+
+    The same tag can resolve to different manifests by ``Accept`` (a multi-platform index for
+    clients that take one, a single-platform manifest for clients that do not), so a narrow
+    ``Accept`` gets a record of its own and never overwrites what everyone else is served.
+    ``~`` cannot appear in a tag, so the names never collide.
+    """
+    if accept is None or accept >= _ALL_TYPES:
+        return tag
+    key = hashlib.sha256(",".join(sorted(accept)).encode()).hexdigest()[:16]
+    return f"{tag}~{key}"
 
 
 def _acceptable(media_type: str, accept: frozenset[str] | None) -> bool:
@@ -131,7 +146,9 @@ class ManifestService:
     async def _fresh_tag(
         self, upstream: Upstream, repo: str, tag: str, accept: frozenset[str] | None
     ) -> CachedManifest | None:
-        record = await trio.to_thread.run_sync(self._store.read_tag, upstream.name, repo, tag)
+        record = await trio.to_thread.run_sync(
+            self._store.read_tag, upstream.name, repo, _record_name(tag, accept)
+        )
         if record is None or time.time() - record.fetched_at >= upstream.config.tag_ttl:
             return None
         if not _acceptable(record.media_type, accept):
@@ -210,7 +227,10 @@ class ManifestService:
     async def _fetch_tag(
         self, upstream: Upstream, repo: str, tag: str, accept: str
     ) -> CachedManifest:
-        record = await trio.to_thread.run_sync(self._store.read_tag, upstream.name, repo, tag)
+        record_name = _record_name(tag, accepted_types(accept))
+        record = await trio.to_thread.run_sync(
+            self._store.read_tag, upstream.name, repo, record_name
+        )
         cached = None
         if record is not None and _acceptable(record.media_type, accepted_types(accept)):
             cached = await self._stored(record.digest)
@@ -223,7 +243,7 @@ class ManifestService:
                         self._store.write_tag,
                         upstream.name,
                         repo,
-                        tag,
+                        record_name,
                         cached.digest,
                         cached.media_type,
                     )
@@ -254,6 +274,11 @@ class ManifestService:
         )
         await self._link(upstream, repo, digest, manifest.body)
         await trio.to_thread.run_sync(
-            self._store.write_tag, upstream.name, repo, tag, str(digest), manifest.media_type
+            self._store.write_tag,
+            upstream.name,
+            repo,
+            record_name,
+            str(digest),
+            manifest.media_type,
         )
         return CachedManifest(manifest.body, manifest.media_type, str(digest))

@@ -293,6 +293,7 @@ class Upstream:
             if response.status_code == 401:
                 challenge = parse_challenge(response.headers.get("WWW-Authenticate", ""))
                 await response.aclose()
+                self._forget_rejected_token(scope, response.request)
                 if challenge is not None and await self._authenticate(challenge, scope):
                     response = await self._send(method, path, scope, headers, params)
             try:
@@ -362,6 +363,13 @@ class Upstream:
         self.stats.observe(trio.current_time() - started)
         self.stats.count(str(response.status_code))
         return response
+
+    def _forget_rejected_token(self, scope: str, request: httpx.Request) -> None:
+        """The upstream refused a token we still thought valid (it restarted, rotated keys,
+        or its clock runs ahead of ours): drop it, so the retry fetches a new one."""
+        cached = self._tokens.get(scope)
+        if cached is not None and request.headers.get("Authorization") == f"Bearer {cached[0]}":
+            del self._tokens[scope]
 
     def _authorization(self, scope: str) -> str | None:
         token = self._tokens.get(scope)

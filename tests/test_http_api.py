@@ -1,0 +1,477 @@
+"""The OCI distribution API as a client sees it, in process: Quart's test client, fake upstream.
+
+Each test starts the real app (lifespan included, so the app nursery exists) with
+``app.test_app()`` and talks to it with ``test_client()``.  Failures in the middle of a body are
+not tested here: the in-process client cannot report an aborted body (design.md §7); the real
+hypercorn tests cover them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from quart.typing import TestClientProtocol as QuartTestClient
+from werkzeug.datastructures import Headers
+
+from streamsync_trio import create_app
+from streamsync_trio._http import ProxyState
+from streamsync_trio._reference import parse_digest
+
+from .conftest import UPSTREAM, make_config
+from .fakes import FakeRegistry, Fault, digest_of
+
+REPO = "library/app"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+DOCKER_V2 = "application/vnd.docker.distribution.manifest.v2+json"
+MANIFEST = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "layers": []}).encode()
+BLOB = os.urandom(100_000)
+BLOB_DIGEST = digest_of(BLOB)
+UNKNOWN_DIGEST = "sha256:" + "0" * 64
+
+
+@dataclass
+class Answer:
+    """What the app sent: status, the headers exactly as sent, and the body."""
+
+    status: int
+    headers: Headers
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class Proxy:
+    client: QuartTestClient
+    state: ProxyState
+    fake: FakeRegistry
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str] | Headers | None = None,
+        query: dict[str, str] | None = None,
+    ) -> Answer:
+        # The raw connection rather than ``client.get``: that one rebuilds a Response from
+        # the received bytes, which rewrites Content-Length in the very headers the app sent
+        # (to 0 for every HEAD).
+        connection = self.client.request(path, method=method, headers=headers, query_string=query)
+        body = bytearray()
+        async with connection:
+            await connection.send_complete()
+            with contextlib.suppress(trio.EndOfChannel):
+                while True:
+                    body += await connection.receive()
+        sent: Any = connection  # quart-trio's TestHTTPConnection; its protocol omits these
+        assert sent.status_code is not None and sent.headers is not None
+        return Answer(sent.status_code, sent.headers, bytes(body))
+
+    async def get(self, path: str, **options: Any) -> Answer:
+        return await self.request("GET", path, **options)
+
+    async def head(self, path: str, **options: Any) -> Answer:
+        return await self.request("HEAD", path, **options)
+
+    async def wait_stored(self, digest: str) -> None:
+        with trio.fail_after(5):
+            while self.state.store.blob_size(parse_digest(digest)) is None:
+                await trio.sleep(0.005)
+
+    def stored_files(self) -> list[Path]:
+        return [p for p in (self.state.store.root / "blobs").rglob("*") if p.is_file()]
+
+
+@asynccontextmanager
+async def serving(
+    tmp_path: Path,
+    fake: FakeRegistry | None = None,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+    **upstream: Any,
+) -> AsyncIterator[Proxy]:
+    """The app, started, over ``fake``: by default one with ``MANIFEST`` (tag 1) and ``BLOB``."""
+    if fake is None:
+        fake = FakeRegistry()
+        fake.add_manifest(REPO, "1", MANIFEST)
+        fake.add_blob(BLOB)
+    app = create_app(make_config(tmp_path / "cache", **upstream), transport=transport or fake)
+    async with app.test_app() as test_app:
+        yield Proxy(test_app.test_client(), app.extensions["streamsync"], fake)
+
+
+def assert_api_headers(answer: Answer) -> None:
+    assert answer.headers["Docker-Distribution-API-Version"] == "registry/2.0"
+
+
+def assert_oci_error(answer: Answer, status: int, code: str) -> dict[str, Any]:
+    """Status, JSON content type and the OCI error body; returns the one error."""
+    assert answer.status == status
+    assert answer.headers["Content-Type"] == "application/json"
+    assert_api_headers(answer)
+    document = answer.json()
+    assert set(document) == {"errors"}
+    (error,) = document["errors"]
+    assert error["code"] == code
+    assert isinstance(error["message"], str) and error["message"]
+    return dict(error)
+
+
+# -- the base endpoint ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/v2/", "/v2"])
+async def test_base_endpoint(tmp_path: Path, path: str) -> None:
+    async with serving(tmp_path) as proxy:
+        response = await proxy.get(path)
+        head = await proxy.head(path)
+    assert response.status == 200
+    assert response.json() == {}
+    assert response.headers["Content-Type"] == "application/json"
+    assert_api_headers(response)
+    assert head.status == 200
+    assert_api_headers(head)
+    assert proxy.fake.requests == []  # answered locally
+
+
+# -- manifests --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reference", ["1", digest_of(MANIFEST)], ids=["tag", "digest"])
+async def test_manifest_get_and_head(tmp_path: Path, reference: str) -> None:
+    async with serving(tmp_path) as proxy:
+        path = f"/v2/{REPO}/manifests/{reference}"
+        got = await proxy.get(path)
+        head = await proxy.head(path)
+    for response in (got, head):
+        assert response.status == 200
+        assert response.headers["Content-Type"] == OCI_MANIFEST
+        assert response.headers["Docker-Content-Digest"] == digest_of(MANIFEST)
+        assert response.headers["Content-Length"] == str(len(MANIFEST))
+        assert_api_headers(response)
+    assert got.body == MANIFEST
+    assert head.body == b""
+    assert len(proxy.fake.manifest_requests()) == 1  # the HEAD came from the cache
+
+
+async def test_manifest_accept_reaches_the_upstream_and_the_type_comes_back(
+    tmp_path: Path,
+) -> None:
+    fake = FakeRegistry()
+    body = json.dumps({"schemaVersion": 2, "mediaType": DOCKER_V2}).encode()
+    fake.add_manifest(REPO, "v2", body, media_type=DOCKER_V2)
+    async with serving(tmp_path, fake) as proxy:
+        response = await proxy.get(f"/v2/{REPO}/manifests/v2", headers={"Accept": DOCKER_V2})
+    assert response.headers["Content-Type"] == DOCKER_V2
+    assert response.body == body
+    assert fake.manifest_requests()[0].headers["Accept"] == DOCKER_V2
+
+
+@pytest.mark.parametrize("query", ["?ns=registry.fake.test", ""], ids=["containerd ns", "prefix"])
+async def test_manifest_by_ns_or_prefix(tmp_path: Path, query: str) -> None:
+    path = f"/v2/{REPO}/manifests/1{query}" if query else f"/v2/{UPSTREAM}/{REPO}/manifests/1"
+    async with serving(tmp_path) as proxy:
+        response = await proxy.get(path)
+    assert response.status == 200
+    assert response.body == MANIFEST
+    assert proxy.fake.manifest_requests()[0].url.path == f"/v2/{REPO}/manifests/1"
+
+
+# -- blobs ------------------------------------------------------------------------------------
+
+
+def assert_blob_headers(response: Answer, length: int) -> None:
+    assert response.headers["Content-Length"] == str(length)
+    assert response.headers["Docker-Content-Digest"] == BLOB_DIGEST
+    assert response.headers["Accept-Ranges"] == "bytes"
+    assert response.headers["Content-Type"] == "application/octet-stream"
+    assert_api_headers(response)
+
+
+async def test_blob_get_streams_then_serves_from_the_cache(tmp_path: Path) -> None:
+    async with serving(tmp_path) as proxy:
+        path = f"/v2/{REPO}/blobs/{BLOB_DIGEST}"
+        first = await proxy.get(path)
+        assert first.status == 200
+        assert_blob_headers(first, len(BLOB))
+        assert first.body == BLOB
+        await proxy.wait_stored(BLOB_DIGEST)
+        before = len(proxy.fake.requests)
+        second = await proxy.get(path)
+        assert (second.status, second.body) == (200, BLOB)
+        assert_blob_headers(second, len(BLOB))
+        assert len(proxy.fake.requests) == before
+        assert len(proxy.fake.blob_gets(BLOB_DIGEST)) == 1
+
+
+async def test_uncached_blob_head_does_not_download(tmp_path: Path) -> None:
+    async with serving(tmp_path) as proxy:
+        response = await proxy.head(f"/v2/{REPO}/blobs/{BLOB_DIGEST}")
+        await trio.sleep(0.05)  # a download started by mistake would have begun by now
+        assert response.status == 200
+        assert_blob_headers(response, len(BLOB))
+        assert response.body == b""
+        assert proxy.fake.blob_gets(BLOB_DIGEST) == []
+        assert [r.method for r in proxy.fake.requests] == ["HEAD"]
+        assert proxy.stored_files() == []
+        assert len(proxy.state.downloads) == 0
+
+
+async def test_cached_blob_head_asks_nobody(tmp_path: Path) -> None:
+    async with serving(tmp_path) as proxy:
+        path = f"/v2/{REPO}/blobs/{BLOB_DIGEST}"
+        await proxy.get(path)
+        await proxy.wait_stored(BLOB_DIGEST)
+        before = len(proxy.fake.requests)
+        response = await proxy.head(path)
+        assert response.status == 200
+        assert_blob_headers(response, len(BLOB))
+        assert response.body == b""
+        assert len(proxy.fake.requests) == before
+
+
+SIZE = len(BLOB)
+RANGES = [
+    ("bytes=0-9", 0, 10),
+    ("bytes=1000-1999", 1000, 2000),
+    ("bytes=99990-", 99990, SIZE),
+    ("bytes=-5", SIZE - 5, SIZE),
+    ("bytes=50000-999999", 50000, SIZE),
+]
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["cached", "streaming"])
+@pytest.mark.parametrize(("header", "start", "end"), RANGES)
+async def test_range_is_206_with_content_range(
+    tmp_path: Path, cached: bool, header: str, start: int, end: int
+) -> None:
+    async with serving(tmp_path) as proxy:
+        path = f"/v2/{REPO}/blobs/{BLOB_DIGEST}"
+        if cached:
+            await proxy.get(path)
+            await proxy.wait_stored(BLOB_DIGEST)
+        response = await proxy.get(path, headers={"Range": header})
+        assert response.status == 206
+        assert response.headers["Content-Range"] == f"bytes {start}-{end - 1}/{SIZE}"
+        assert_blob_headers(response, end - start)
+        assert response.body == BLOB[start:end]
+        # However the range was served, the whole blob ends up cached, once.
+        await proxy.wait_stored(BLOB_DIGEST)
+        assert len(proxy.fake.blob_gets(BLOB_DIGEST)) == 1
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["cached", "streaming"])
+@pytest.mark.parametrize(
+    "header",
+    ["bytes=100000-", "bytes=200000-300000", "bytes=9-5", "bytes=x", "bytes=0-1,4-5"],
+    ids=["at end", "beyond", "reversed", "garbled", "multi"],
+)
+async def test_unsatisfiable_range_is_416(tmp_path: Path, cached: bool, header: str) -> None:
+    async with serving(tmp_path) as proxy:
+        path = f"/v2/{REPO}/blobs/{BLOB_DIGEST}"
+        if cached:
+            await proxy.get(path)
+            await proxy.wait_stored(BLOB_DIGEST)
+        response = await proxy.get(path, headers={"Range": header})
+        assert_oci_error(response, 416, "RANGE_INVALID")
+        assert response.headers["Content-Range"] == f"bytes */{SIZE}"
+
+
+async def test_two_range_fields_are_a_multi_range_and_416(tmp_path: Path) -> None:
+    async with serving(tmp_path) as proxy:
+        headers = Headers([("Range", "bytes=0-1"), ("Range", "bytes=5-6")])
+        response = await proxy.get(f"/v2/{REPO}/blobs/{BLOB_DIGEST}", headers=headers)
+    assert_oci_error(response, 416, "RANGE_INVALID")
+
+
+async def test_other_range_units_get_the_whole_blob(tmp_path: Path) -> None:
+    async with serving(tmp_path) as proxy:
+        response = await proxy.get(
+            f"/v2/{REPO}/blobs/{BLOB_DIGEST}", headers={"Range": "items=0-1"}
+        )
+    assert response.status == 200
+    assert response.body == BLOB
+
+
+# -- tags/list and referrers ------------------------------------------------------------------
+
+
+class Paginating(httpx.AsyncBaseTransport):
+    """The fake, with a ``Link`` to a next page on every tags/list answer."""
+
+    def __init__(self, fake: FakeRegistry) -> None:
+        self.fake = fake
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.fake.handle_async_request(request)
+        if request.url.path.endswith("/tags/list") and response.status_code == 200:
+            response.headers["Link"] = f'</v2/{REPO}/tags/list?n=1&last=1>; rel="next"'
+        return response
+
+
+async def test_tags_list_passes_through_and_is_cached_briefly(tmp_path: Path) -> None:
+    async with serving(tmp_path) as proxy:
+        path = f"/v2/{REPO}/tags/list"
+        response = await proxy.get(path, query={"n": "5", "last": "0", "x": "1"})
+        assert response.status == 200
+        assert response.headers["Content-Type"] == "application/json"
+        assert_api_headers(response)
+        assert response.json() == {"name": REPO, "tags": ["1"]}
+        (upstream_request,) = proxy.fake.requests
+        assert upstream_request.url.path == path
+        assert dict(upstream_request.url.params) == {"n": "5", "last": "0"}  # no stray params
+        again = await proxy.get(path, query={"n": "5", "last": "0"})
+        assert again.json() == {"name": REPO, "tags": ["1"]}
+        assert len(proxy.fake.requests) == 1
+
+
+async def test_tags_list_pagination_links_name_our_repository(tmp_path: Path) -> None:
+    fake = FakeRegistry()
+    fake.add_manifest(REPO, "1", MANIFEST)
+    async with serving(tmp_path, fake, transport=Paginating(fake)) as proxy:
+        response = await proxy.get(f"/v2/{UPSTREAM}/{REPO}/tags/list?n=1")
+    assert response.status == 200
+    assert response.headers["Link"] == (f'</v2/{UPSTREAM}/{REPO}/tags/list?n=1&last=1>; rel="next"')
+
+
+async def test_tags_list_of_an_unknown_repository_is_the_upstream_404(tmp_path: Path) -> None:
+    async with serving(tmp_path) as proxy:
+        response = await proxy.get("/v2/no/such/tags/list")
+    assert_oci_error(response, 404, "NAME_UNKNOWN")
+
+
+# -- what a read-only cache refuses -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/v2/x/blobs/uploads/"),
+        ("POST", f"/v2/{REPO}/blobs/uploads/?digest={BLOB_DIGEST}"),
+        ("PATCH", f"/v2/{REPO}/blobs/uploads/3f2a-uuid"),
+        ("PUT", f"/v2/{REPO}/blobs/uploads/3f2a-uuid?digest={BLOB_DIGEST}"),
+        ("GET", f"/v2/{REPO}/blobs/uploads/3f2a-uuid"),
+        ("DELETE", f"/v2/{REPO}/blobs/uploads/3f2a-uuid"),
+        ("PUT", f"/v2/{REPO}/manifests/latest"),
+        ("DELETE", f"/v2/{REPO}/manifests/{digest_of(MANIFEST)}"),
+        ("DELETE", f"/v2/{REPO}/blobs/{BLOB_DIGEST}"),
+    ],
+)
+async def test_push_methods_are_405_unsupported(tmp_path: Path, method: str, path: str) -> None:
+    async with serving(tmp_path) as proxy:
+        response = await proxy.request(method, path)
+    assert_oci_error(response, 405, "UNSUPPORTED")
+    assert proxy.fake.requests == []
+
+
+# -- client errors ----------------------------------------------------------------------------
+
+CLIENT_ERRORS = [
+    ("/v2/UPPER/manifests/1", 400, "NAME_INVALID"),
+    (f"/v2/a..b/blobs/{BLOB_DIGEST}", 400, "NAME_INVALID"),
+    ("/v2/library//app/manifests/1", 400, "NAME_INVALID"),
+    ("/v2/-app/tags/list", 400, "NAME_INVALID"),
+    ("/v2/" + "a" * 256 + "/manifests/1", 400, "NAME_INVALID"),
+    (f"/v2/{UPSTREAM}/Library/app/manifests/1", 400, "NAME_INVALID"),
+    (f"/v2/{REPO}/blobs/sha256:abc", 400, "DIGEST_INVALID"),
+    (f"/v2/{REPO}/blobs/sha256:{'A' * 64}", 400, "DIGEST_INVALID"),
+    (f"/v2/{REPO}/blobs/md5:{'0' * 32}", 400, "DIGEST_INVALID"),
+    (f"/v2/{REPO}/blobs/latest", 400, "DIGEST_INVALID"),
+    (f"/v2/{REPO}/manifests/sha256:{'0' * 63}", 400, "DIGEST_INVALID"),
+    (f"/v2/{REPO}/referrers/not-a-digest", 400, "DIGEST_INVALID"),
+    (f"/v2/{REPO}/blobs/{UNKNOWN_DIGEST}", 404, "BLOB_UNKNOWN"),
+    (f"/v2/{REPO}/manifests/nope", 404, "MANIFEST_UNKNOWN"),
+    (f"/v2/{REPO}/manifests/{UNKNOWN_DIGEST}", 404, "MANIFEST_UNKNOWN"),
+    (f"/v2/{REPO}/manifests/1?ns=quay.io", 404, "NAME_UNKNOWN"),
+    (f"/v2/{REPO}/blobs/{BLOB_DIGEST}?ns=quay.io", 404, "NAME_UNKNOWN"),
+    (f"/v2/quay.io/{REPO}/manifests/1", 404, "NAME_UNKNOWN"),
+    (f"/v2/{REPO}/catalog", 404, "NOT_FOUND"),
+    ("/v3/", 404, "NOT_FOUND"),
+]
+
+
+@pytest.mark.parametrize(("path", "status", "code"), CLIENT_ERRORS)
+async def test_client_errors(tmp_path: Path, path: str, status: int, code: str) -> None:
+    async with serving(tmp_path) as proxy:
+        response = await proxy.get(path)
+    assert_oci_error(response, status, code)
+    if status == 400:
+        assert proxy.fake.requests == []  # refused before anything was asked upstream
+
+
+async def test_unknown_blob_head_is_404(tmp_path: Path) -> None:
+    async with serving(tmp_path) as proxy:
+        response = await proxy.head(f"/v2/{REPO}/blobs/{UNKNOWN_DIGEST}")
+    assert response.status == 404
+    assert response.headers["Content-Type"] == "application/json"
+    assert proxy.stored_files() == []
+
+
+# -- upstream errors --------------------------------------------------------------------------
+
+MANIFEST_PATH = f"/v2/{REPO}/manifests/1"
+BLOB_PATH = f"/v2/{REPO}/blobs/{BLOB_DIGEST}"
+
+
+@pytest.mark.parametrize(
+    "path", [MANIFEST_PATH, BLOB_PATH, f"/v2/{REPO}/tags/list"], ids=["manifest", "blob", "tags"]
+)
+async def test_upstream_refusing_us_is_401(tmp_path: Path, path: str) -> None:
+    fake = FakeRegistry(auth="basic", credentials=("robot", "pw"))
+    fake.add_manifest(REPO, "1", MANIFEST)
+    fake.add_blob(BLOB)
+    async with serving(tmp_path, fake) as proxy:
+        response = await proxy.get(path)
+        head = await proxy.head(path)
+    assert_oci_error(response, 401, "UNAUTHORIZED")
+    assert head.status == 401
+    assert "WWW-Authenticate" not in response.headers  # the upstream's challenge is ours alone
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "expected", "code"),
+    [
+        (503, {"Retry-After": "3"}, 503, "UNAVAILABLE"),
+        (503, {}, 503, "UNAVAILABLE"),
+        (429, {"Retry-After": "9"}, 429, "TOOMANYREQUESTS"),
+        (500, {}, 502, "UNAVAILABLE"),
+    ],
+)
+@pytest.mark.parametrize("what", ["manifest", "blob"])
+async def test_upstream_failures_reach_the_client(
+    tmp_path: Path, what: str, status: int, headers: dict[str, str], expected: int, code: str
+) -> None:
+    fake = FakeRegistry()
+    fake.add_manifest(REPO, "1", MANIFEST)
+    fake.add_blob(BLOB)
+    if what == "manifest":
+        fake.manifest_faults.append(Fault(status=status, headers=headers))
+    else:
+        fake.faults[BLOB_DIGEST] = [Fault(status=status, headers=headers)]
+    async with serving(tmp_path, fake, max_retries=0) as proxy:
+        response = await proxy.get(MANIFEST_PATH if what == "manifest" else BLOB_PATH)
+        assert_oci_error(response, expected, code)
+        assert response.headers.get("Retry-After") == headers.get("Retry-After")
+        assert proxy.stored_files() == []
+        assert list(proxy.state.store.partial_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("path", [MANIFEST_PATH, BLOB_PATH], ids=["manifest", "blob"])
+async def test_unreachable_upstream_is_502(tmp_path: Path, path: str) -> None:
+    async with serving(tmp_path, max_retries=0) as proxy:
+        proxy.fake.down = True
+        response = await proxy.get(path)
+        head = await proxy.head(path)
+    assert_oci_error(response, 502, "UNAVAILABLE")
+    assert head.status == 502
