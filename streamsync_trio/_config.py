@@ -61,6 +61,9 @@ class Config:
     manifest_max_age_days: float = 30.0  # `cache gc` drops manifests and tags unused this long
     chunk_size: int = 1024 * 1024
     log_format: str = "text"  # or "json": one object a line
+    htpasswd: Path | None = None  # client auth: off unless an htpasswd file is named
+    auth_realm: str = "streamsync-trio"
+    metrics_open: bool = False  # with auth on, may /metrics be scraped without credentials?
     log_level: str = "info"
     upstreams: tuple[UpstreamConfig, ...] = field(
         default_factory=lambda: (
@@ -163,6 +166,14 @@ def parse_config(data: dict[str, Any]) -> Config:
         raise ConfigError("stream.chunk_size: must be between 4096 and 67108864 bytes")
     stream.finish()
 
+    auth = _Table(top.get("auth", dict, {}), "auth")
+    htpasswd = auth.get("htpasswd", str, None)
+    auth_realm = auth.get("realm", str, "streamsync-trio")
+    if '"' in auth_realm or not auth_realm.isprintable():
+        raise ConfigError("auth.realm: must be printable and contain no quotes")
+    metrics_open = auth.get("metrics_open", bool, False)
+    auth.finish()
+
     log = _Table(top.get("log", dict, {}), "log")
     log_format = log.get("format", str, "text")
     if log_format not in ("text", "json"):
@@ -194,6 +205,9 @@ def parse_config(data: dict[str, Any]) -> Config:
         upstreams=upstreams,
         log_format=log_format,
         log_level=log_level,
+        htpasswd=None if htpasswd is None else Path(htpasswd),
+        auth_realm=auth_realm,
+        metrics_open=metrics_open,
     )
 
 

@@ -28,6 +28,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from ._auth import Htpasswd
 from ._config import Config
 from ._errors import RegistryError, blob_unknown
 from ._eviction import CacheKeeper
@@ -117,6 +118,12 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
     app.url_map.merge_slashes = False
     app.url_map.strict_slashes = False
     holder: dict[str, ProxyState] = {}
+    # Loaded now, so a bad htpasswd file stops the server at start, naming the problem.
+    auth = (
+        Htpasswd.load(config.htpasswd, config.auth_realm) if config.htpasswd is not None else None
+    )
+    # Probes must work without credentials; metrics only if the operator says so.
+    open_paths = {"/healthz", "/readyz"} | ({"/metrics"} if config.metrics_open else set())
     app.asgi_app = with_access_log(app.asgi_app)  # type: ignore[method-assign,assignment]
 
     def state() -> ProxyState:
@@ -167,6 +174,13 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
     async def stop() -> None:
         for upstream in state().upstreams.values():
             await upstream.aclose()
+
+    @app.before_request
+    async def authenticate() -> None:
+        if auth is None or request.path in open_paths:
+            return
+        if await auth.user_for(request.headers.get("Authorization")) is None:
+            raise auth.challenge()
 
     @app.after_request
     async def api_version(response: Response) -> Response:

@@ -15,11 +15,10 @@ from ._process import limit_malloc_arenas
 
 try:
     config = load_config()
+    configure(config.log_format, config.log_level)
+    limit_malloc_arenas()
+    app = create_app(config)
 except ConfigError as exc:
     # A clean one-line message (hypercorn would otherwise print a long traceback around it).
     print(f"streamsync-trio: invalid configuration: {exc}", file=sys.stderr)
     raise SystemExit(2) from None
-
-configure(config.log_format, config.log_level)
-limit_malloc_arenas()
-app = create_app(config)

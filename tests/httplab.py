@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -51,11 +52,12 @@ async def running_proxy(
     tmp_path: Path,
     fake: FakeRegistry,
     *,
-    max_size: int | None = None,
+    settings: dict[str, Any] | None = None,
     **upstream: object,
 ) -> AsyncIterator[Running]:
-    """The app under hypercorn on a free port; ``upstream`` settings go to its one upstream."""
-    proxy_config = replace(make_config(tmp_path / "cache", **upstream), max_size=max_size)
+    """The app under hypercorn on a free port; ``settings`` change its Config, ``upstream``
+    settings go to its one upstream."""
+    proxy_config = replace(make_config(tmp_path / "cache", **upstream), **(settings or {}))
     app = create_app(proxy_config, transport=fake)
     config = HypercornConfig()
     config.bind = ["127.0.0.1:0"]

@@ -45,7 +45,7 @@ async def test_proxy_evicts_least_recently_used_blobs_over_the_cap(tmp_path: Pat
     fake = real_time_fake()
     a, b, c, e = (fake.add_blob(os.urandom(1 * MiB)) for _ in range(4))
     async with (
-        running_proxy(tmp_path, fake, max_size=int(2.5 * MiB)) as proxy,
+        running_proxy(tmp_path, fake, settings={"max_size": int(2.5 * MiB)}) as proxy,
         httpx.AsyncClient() as client,
     ):
         for digest in (a, b):
@@ -80,7 +80,7 @@ async def test_a_blob_being_read_is_never_evicted(tmp_path: Path) -> None:
     oldest_digest = fake.add_blob(oldest)
     newer = [fake.add_blob(os.urandom(1 * MiB)) for _ in range(2)]
     async with (
-        running_proxy(tmp_path, fake, max_size=int(2.5 * MiB)) as proxy,
+        running_proxy(tmp_path, fake, settings={"max_size": int(2.5 * MiB)}) as proxy,
         httpx.AsyncClient() as client,
     ):
         await fetch(client, proxy.blob_url(oldest_digest))
