@@ -8,10 +8,14 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
+
+import trio
 
 from ._config import Config, ConfigError, load_config, parse_size
 from ._eviction import collect_garbage
+from ._prefetch import prefetch
 from ._serve import serve
 from ._store import Store
 
@@ -79,6 +83,11 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(Path(args.hypercorn_config), args.bind, args.graceful_timeout)
 
 
+def _prefetch(args: argparse.Namespace) -> int:
+    outcomes = trio.run(partial(prefetch, args.proxy, args.images, args.platform, quiet=args.quiet))
+    return 0 if all(outcome.error is None for outcome in outcomes) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="streamsync-trio",
@@ -102,6 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
     serving.set_defaults(run=_serve)
     check = commands.add_parser("check-config", help="validate the configuration and exit")
     check.set_defaults(run=_check_config)
+
+    warm = commands.add_parser(
+        "prefetch", help="pull images through a running proxy to warm its cache"
+    )
+    warm.add_argument("images", nargs="+", metavar="IMAGE", help="e.g. alpine:3.20")
+    warm.add_argument("--proxy", default="http://127.0.0.1:5000", help="the proxy's URL")
+    warm.add_argument(
+        "--platform", default="linux/amd64", help="os/arch[/variant] from an index, or all"
+    )
+    warm.add_argument("--quiet", action="store_true", help="no progress, no summary")
+    warm.set_defaults(run=_prefetch)
 
     cache = commands.add_parser("cache", help="inspect or trim the cache (the config's root)")
     cache_commands = cache.add_subparsers(dest="cache_command", required=True)
