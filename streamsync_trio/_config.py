@@ -254,6 +254,11 @@ def _parse_upstream(raw: Any, index: int) -> UpstreamConfig:
     if url is None:
         raise ConfigError(f"upstream[{index}].url: missing")
     parts = urlsplit(url)
+    if "@" in parts.netloc:
+        # The URL is logged and shown on the status page; credentials have their own keys.
+        raise ConfigError(
+            f"upstream[{index}].url: no credentials in the URL; use username and password_env"
+        )
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
         raise ConfigError(f"upstream[{index}].url: {url!r} must be an http(s) URL with a host")
     username = table.get("username", str, None)

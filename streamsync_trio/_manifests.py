@@ -70,10 +70,6 @@ def _record_name(tag: str, accept: frozenset[str] | None) -> str:
     return f"{tag}~{key}"
 
 
-def _acceptable(media_type: str, accept: frozenset[str] | None) -> bool:
-    return accept is None or media_type.lower() in accept
-
-
 def referenced_digests(body: bytes) -> list[Digest]:
     """The digests a manifest or index points at: config, layers, child manifests, subject.
 
@@ -150,8 +146,6 @@ class ManifestService:
             self._store.read_tag, upstream.name, repo, _record_name(tag, accept)
         )
         if record is None or time.time() - record.fetched_at >= upstream.config.tag_ttl:
-            return None
-        if not _acceptable(record.media_type, accept):
             return None
         return await self._stored(record.digest)
 
@@ -232,7 +226,9 @@ class ManifestService:
             self._store.read_tag, upstream.name, repo, record_name
         )
         cached = None
-        if record is not None and _acceptable(record.media_type, accepted_types(accept)):
+        # The record was made for this Accept (see _record_name), so whatever the upstream
+        # answered then is the answer now, even a type the client did not list.
+        if record is not None:
             cached = await self._stored(record.digest)
         try:
             if cached is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,7 +24,7 @@ import trio
 from quart.typing import TestClientProtocol as QuartTestClient
 from werkzeug.datastructures import Headers
 
-from streamsync_trio import create_app
+from streamsync_trio import ConfigError, create_app, parse_config
 from streamsync_trio._http import ProxyState
 from streamsync_trio._reference import parse_digest
 
@@ -475,3 +476,30 @@ async def test_unreachable_upstream_is_502(tmp_path: Path, path: str) -> None:
         head = await proxy.head(path)
     assert_oci_error(response, 502, "UNAVAILABLE")
     assert head.status == 502
+
+
+# -- credentials written into an upstream URL -------------------------------------------------
+
+
+async def test_credentials_in_an_upstream_url_are_refused_or_never_shown(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = "hunter2-in-the-url"
+    toml_like = {
+        "storage": {"root": str(tmp_path / "cache")},
+        "upstream": [{"name": UPSTREAM, "url": f"https://robot:{secret}@{UPSTREAM}"}],
+    }
+    try:
+        config = parse_config(toml_like)
+    except ConfigError as error:  # refusing it, naming the key but not the secret, is fine
+        assert "upstream[0].url" in str(error)
+        assert secret not in str(error)
+        return
+    caplog.set_level(logging.DEBUG)
+    app = create_app(config, transport=FakeRegistry())
+    async with app.test_app() as test_app:
+        proxy = Proxy(test_app.test_client(), app.extensions["streamsync"], FakeRegistry())
+        pages = [await proxy.get("/_status.json"), await proxy.get("/_status")]
+    assert [page.status for page in pages] == [200, 200]
+    for text in [caplog.text, repr(config), *(page.body.decode() for page in pages)]:
+        assert secret not in text

@@ -477,3 +477,13 @@ def test_referenced_digests(document: object, expected: list[str]) -> None:
     found = referenced_digests(body)
     assert sorted(str(d) for d in found) == sorted(expected)
     assert all(isinstance(d, Digest) for d in found)
+
+
+async def test_an_answer_outside_the_clients_accept_is_still_cached(tmp_path: Path) -> None:
+    """Registries answer with what they have (an OCI manifest, to a client that listed Docker
+    schema 2 only); the same question within the TTL gets the same answer from the cache."""
+    async with open_lab(tmp_path, tag_ttl=300) as lab:
+        lab.fake.add_manifest(REPO, "1", V1)  # OCI, whatever the Accept
+        for _ in range(3):
+            assert (await lab.get(accept=DOCKER_V2)).media_type == OCI_MANIFEST
+        assert lab.counts() == (1, 0)
