@@ -20,7 +20,7 @@ import math
 import re
 import time
 from collections.abc import AsyncIterator
-from contextlib import aclosing, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -245,12 +245,18 @@ class Upstream:
         otherwise make us buffer anything)."""
         body = bytearray()
         try:
-            # aclosing: leaving the loop early (too large) must close httpx's generator now.
-            async with aclosing(response.aiter_bytes()) as chunks:
+            chunks = response.aiter_bytes()
+            try:
                 async for chunk in chunks:
                     body += chunk
                     if len(body) > MAX_MANIFEST_BYTES:
                         raise upstream_unavailable(self.name, f"{what} larger than 4 MiB")
+            finally:
+                # Leaving the loop early (too large) must close httpx's generator now, not
+                # whenever the garbage collector gets to it.
+                close = getattr(chunks, "aclose", None)
+                if close is not None:
+                    await close()
         except httpx.HTTPError as exc:
             raise self._transport_error(exc) from exc
         return bytes(body)
