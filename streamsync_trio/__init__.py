@@ -8,7 +8,11 @@ modules with a leading underscore are the implementation:
 * ``_manifests``  manifest and tag caching
 * ``_upstream``   the upstream registry client (auth, timeouts, error mapping)
 * ``_reference``, ``_routing``, ``_ranges``  pure parsing of what clients ask
+* ``_eviction``   keeping the cache under its size cap (LRU)
 * ``_http``       the Quart layer that translates HTTP to the above
+* ``_auth``, ``_metrics``, ``_status``, ``_logging``  client auth, Prometheus metrics, the
+  status page, structured logs: read-only views of the state above
+* ``_cli``, ``_serve``, ``_prefetch``  the ``streamsync-trio`` command
 """
 
 from ._config import Config, ConfigError, UpstreamConfig, load_config, parse_config
