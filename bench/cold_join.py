@@ -47,29 +47,36 @@ async def client(url: str, digest: str, join_at: float, t0: float, verify: bool)
     return ClientResult(join_at, float(first_byte), done, int(size), ok)
 
 
-async def sample_rss(pid: int, peak: list[int]) -> None:
-    while True:
-        peak[0] = max(peak[0], await trio.to_thread.run_sync(_lab.tree_rss_bytes, pid))
-        await trio.sleep(0.05)
+@dataclass
+class Sampler:
+    """Samples the resident memory of a process tree every 50 ms; keeps the peak."""
+
+    pid: int
+    peak: int = 0
+
+    async def run(self) -> None:
+        while True:
+            self.peak = max(self.peak, await trio.to_thread.run_sync(_lab.tree_rss_bytes, self.pid))
+            await trio.sleep(0.05)
 
 
-async def run(
-    url: str, digest: str, clients: int, join_every: float, pid: int, verify: bool
-) -> tuple[list[ClientResult], int]:
+async def clients_on(
+    url: str, digest: str, count: int, every: float, verify: bool, sampler: Sampler
+) -> list[ClientResult]:
+    """``count`` clients joining ``every`` seconds apart, while ``sampler`` watches memory."""
     results: list[ClientResult] = []
-    peak = [0]
     t0 = trio.current_time()
 
     async def one(i: int) -> None:
-        results.append(await client(url, digest, i * join_every, t0, verify))
+        results.append(await client(url, digest, i * every, t0, verify))
 
-    async with trio.open_nursery() as sampler:
-        sampler.start_soon(sample_rss, pid, peak)
+    async with trio.open_nursery() as outer:
+        outer.start_soon(sampler.run)
         async with trio.open_nursery() as nursery:
-            for i in range(clients):
+            for i in range(count):
                 nursery.start_soon(one, i)
-        sampler.cancel_scope.cancel()
-    return sorted(results, key=lambda r: r.joined), peak[0]
+        outer.cancel_scope.cancel()
+    return sorted(results, key=lambda r: r.joined)
 
 
 def main() -> None:
@@ -91,9 +98,17 @@ def main() -> None:
             with _lab.proxy(workdir, up.wan_url) as proxy:
                 url = f"{proxy.url}/v2/bench/blob/blobs/{digest}"
                 started = time.monotonic()
-                results, peak_rss = trio.run(
-                    run, url, digest, args.clients, args.join_every, proxy.pid, not args.no_verify
+                sampler = Sampler(proxy.pid)
+                results = trio.run(
+                    clients_on,
+                    url,
+                    digest,
+                    args.clients,
+                    args.join_every,
+                    not args.no_verify,
+                    sampler,
                 )
+                peak_rss = sampler.peak
                 wall = time.monotonic() - started
             upstream_bytes = up.upstream_bytes()
     print(

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import _lab
 import trio
-from cold_join import ClientResult, client
+from cold_join import ClientResult, Sampler, clients_on
 
 DOCS = _lab.REPO_ROOT / "docs"
 GB = 1e9
@@ -44,33 +44,10 @@ class Measured:
     cpu_seconds: float = 0.0
 
 
-@dataclass
-class Sampler:
-    pid: int
-    peak: int = 0
-
-    async def run(self) -> None:
-        while True:
-            self.peak = max(self.peak, await trio.to_thread.run_sync(_lab.tree_rss_bytes, self.pid))
-            await trio.sleep(0.05)
-
-
-async def clients_on(
+async def checked_clients(
     url: str, digest: str, count: int, every: float, verify: bool, sampler: Sampler
 ) -> list[ClientResult]:
-    results: list[ClientResult] = []
-    t0 = trio.current_time()
-
-    async def one(i: int) -> None:
-        results.append(await client(url, digest, i * every, t0, verify))
-
-    async with trio.open_nursery() as outer:
-        outer.start_soon(sampler.run)
-        async with trio.open_nursery() as nursery:
-            for i in range(count):
-                nursery.start_soon(one, i)
-        outer.cancel_scope.cancel()
-    results.sort(key=lambda r: r.joined)
+    results = await clients_on(url, digest, count, every, verify, sampler)
     if not all(r.digest_ok for r in results):
         sys.exit(f"bench: a client received wrong or incomplete bytes from {url}")
     return results
@@ -111,7 +88,7 @@ def measure(
         digest, size = blobs["cold"]
         url = f"{proxy.url}/v2/bench/blob/blobs/{digest}"
         before = up.upstream_bytes(digest)
-        cold = trio.run(clients_on, url, digest, args.clients, args.join_every, True, sampler)
+        cold = trio.run(checked_clients, url, digest, args.clients, args.join_every, True, sampler)
         result.rows["upstream bytes / blob size"] = (up.upstream_bytes(digest) - before) / size
         result.rows["cold: first byte, slowest client (s)"] = max(r.first_byte for r in cold)
         result.rows["cold: first client done (s)"] = cold[0].done
@@ -120,7 +97,7 @@ def measure(
         result.served_bytes += size * len(cold)
 
         started = time.monotonic()
-        trio.run(clients_on, url, digest, args.clients, 0.0, False, sampler)
+        trio.run(checked_clients, url, digest, args.clients, 0.0, False, sampler)
         warm_seconds = time.monotonic() - started
         result.rows["warm: aggregate MB/s"] = size * args.clients / warm_seconds / 1e6
         result.served_bytes += size * args.clients
@@ -138,7 +115,7 @@ def measure(
             big_digest, big_size = blobs["big"]
             big_url = f"{proxy.url}/v2/bench/blob/blobs/{big_digest}"
             big_sampler = Sampler(proxy.pid)
-            trio.run(clients_on, big_url, big_digest, 16, 0.25, False, big_sampler)
+            trio.run(checked_clients, big_url, big_digest, 16, 0.25, False, big_sampler)
             result.served_bytes += big_size * 16
             result.rows["peak RSS, 1 GiB x 16 clients (MiB)"] = big_sampler.peak / 2**20
             sampler.peak = max(sampler.peak, big_sampler.peak)
