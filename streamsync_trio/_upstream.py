@@ -453,8 +453,10 @@ class Upstream:
         status = response.status_code
         if status in (200, 206) or (status < 300 and response.request.method == "HEAD"):
             return
-        retry_after = response.headers.get("Retry-After")
-        extra = {"Retry-After": retry_after} if retry_after else {}
+        # Passed on as whole seconds, whatever form the upstream used (an HTTP-date too), so
+        # clients and the producer's retry both read one format.
+        wait = parse_retry_after(response.headers.get("Retry-After"))
+        extra = {"Retry-After": str(math.ceil(wait))} if wait is not None else {}
         if status == 404:
             raise RegistryError(404, not_found_code, f"{what} not found upstream at {self.name}")
         if status in (401, 403):

@@ -5,6 +5,8 @@ Virtual time throughout (autojump clock), so "waited 3 s before asking again" is
 
 from __future__ import annotations
 
+import email.utils
+import time
 from pathlib import Path
 
 import pytest
@@ -126,3 +128,18 @@ async def test_an_upstream_that_never_answers_fails_fast_despite_the_retry_budge
         assert outcome.error.status == 502
         assert len(lab.fake.blob_gets(digest)) == 2  # one quick retry for a blip, no more
         assert outcome.ended_at < 1.0  # backoff base 0.1 s: not the whole 5-retry schedule
+
+
+async def test_retry_after_as_an_http_date_is_honoured_too(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    data = blob(100_000)
+    when = email.utils.formatdate(time.time() + 6, usegmt=True)
+    async with open_lab(tmp_path, max_retries=2) as lab:
+        digest = lab.fake.add_blob(data)
+        lab.fake.faults[digest] = [Fault(status=503, headers={"Retry-After": when})]
+        outcome = await drain(lab.subscribe(digest))
+        assert outcome.error is None
+        assert outcome.data == data
+        assert outcome.first_byte_at is not None
+        assert outcome.first_byte_at >= 4.0  # the date is whole seconds; it took effect
