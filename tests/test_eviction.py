@@ -75,12 +75,15 @@ async def test_proxy_evicts_least_recently_used_blobs_over_the_cap(tmp_path: Pat
 
 
 async def test_a_blob_being_read_is_never_evicted(tmp_path: Path) -> None:
+    # The blob being read is far larger than loopback socket buffers, so the proxy cannot
+    # finish sending it (and release it) while the client is not reading.
     fake = real_time_fake()
-    oldest = os.urandom(2 * MiB)
+    oldest = os.urandom(32 * MiB)
     oldest_digest = fake.add_blob(oldest)
-    newer = [fake.add_blob(os.urandom(1 * MiB)) for _ in range(2)]
+    newer = [fake.add_blob(os.urandom(4 * MiB)) for _ in range(2)]
+    cap = 36 * MiB
     async with (
-        running_proxy(tmp_path, fake, settings={"max_size": int(2.5 * MiB)}) as proxy,
+        running_proxy(tmp_path, fake, settings={"max_size": cap}) as proxy,
         httpx.AsyncClient() as client,
     ):
         await fetch(client, proxy.blob_url(oldest_digest))
@@ -96,13 +99,14 @@ async def test_a_blob_being_read_is_never_evicted(tmp_path: Path) -> None:
                 await settle()
             # Over the cap, and the least recently used, but being read: it stays, and the
             # pass takes the next one in LRU order instead.
+            assert proxy.state.store.is_being_read(parse_digest(oldest_digest))
             assert stored(proxy, oldest_digest)
-            assert proxy.state.store.usage().bytes <= int(2.5 * MiB)
+            assert proxy.state.store.usage().bytes <= cap
             async for chunk in chunks:
                 received += len(chunk)
         assert received == len(oldest)
         # Once released, the next commit's pass may take it.
-        extra = fake.add_blob(os.urandom(1 * MiB))
+        extra = fake.add_blob(os.urandom(8 * MiB))
         await fetch(client, proxy.blob_url(extra))
         with trio.fail_after(5):
             while stored(proxy, oldest_digest):

@@ -31,7 +31,7 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 async def test_metrics_count_a_known_workload(tmp_path: Path) -> None:
-    fake = real_time_fake()
+    fake = FakeRegistry(chunk_delay=0.01)  # 1 MiB takes 0.16 s: the three clients overlap
     data = os.urandom(1 * MiB)
     digest = fake.add_blob(data)
     fake.add_manifest("library/app", "v1", image_manifest(digest, []))
