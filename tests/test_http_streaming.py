@@ -16,7 +16,7 @@ import trio
 
 from streamsync_trio._reference import parse_digest
 
-from .fakes import Fault
+from .fakes import FakeRegistry, Fault
 from .httplab import MiB, fetch, fetch_until_abort, real_time_fake, running_proxy
 
 
@@ -130,13 +130,13 @@ async def test_head_of_uncached_blob_does_not_download_it(tmp_path: Path) -> Non
 
 
 async def test_range_on_in_flight_blob_is_206_from_the_partial(tmp_path: Path) -> None:
-    fake = real_time_fake()
+    fake = FakeRegistry(chunk_delay=0.01)  # 4 MiB over 0.64 s: surely in flight
     data = os.urandom(4 * MiB)
     digest = fake.add_blob(data)
     async with running_proxy(tmp_path, fake) as proxy, httpx.AsyncClient() as client:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(fetch, client, proxy.blob_url(digest))
-            await trio.sleep(0.05)
+            await trio.sleep(0.2)
             assert len(proxy.state.downloads) == 1
             response = await client.get(
                 proxy.blob_url(digest), headers={"Range": f"bytes={2 * MiB}-"}

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from .fakes import digest_of
+from .fakes import FakeRegistry, digest_of
 from .httplab import MiB, fetch, real_time_fake, running_proxy
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -69,7 +69,7 @@ async def test_cached_private_blob_is_not_served_under_another_repository(
 async def test_in_flight_private_blob_is_not_joined_from_another_repository(
     tmp_path: Path,
 ) -> None:
-    fake = real_time_fake()
+    fake = FakeRegistry(chunk_delay=0.01)  # 4 MiB over 0.64 s: surely in flight
     data = os.urandom(4 * MiB)
     digest = fake.add_blob(data)
     fake.private[digest] = {"secret/app"}
@@ -81,7 +81,7 @@ async def test_in_flight_private_blob_is_not_joined_from_another_repository(
                 results.append((await fetch(client, proxy.blob_url(digest, "secret/app")))[1])
 
             nursery.start_soon(owner)
-            await trio.sleep(0.05)
+            await trio.sleep(0.2)
             assert len(proxy.state.downloads) == 1
             stolen = await client.get(proxy.blob_url(digest, "public/app"))
             assert stolen.status_code == 404
