@@ -45,9 +45,9 @@ class Measured:
 
 
 async def checked_clients(
-    url: str, digest: str, count: int, every: float, verify: bool, sampler: Sampler
+    url: str, digest: str, size: int, count: int, every: float, verify: bool, sampler: Sampler
 ) -> list[ClientResult]:
-    results = await clients_on(url, digest, count, every, verify, sampler)
+    results = await clients_on(url, digest, size, count, every, verify, sampler)
     if not all(r.digest_ok for r in results):
         sys.exit(f"bench: a client received wrong or incomplete bytes from {url}")
     return results
@@ -88,7 +88,9 @@ def measure(
         digest, size = blobs["cold"]
         url = f"{proxy.url}/v2/bench/blob/blobs/{digest}"
         before = up.upstream_bytes(digest)
-        cold = trio.run(checked_clients, url, digest, args.clients, args.join_every, True, sampler)
+        cold = trio.run(
+            checked_clients, url, digest, size, args.clients, args.join_every, True, sampler
+        )
         result.rows["upstream bytes / blob size"] = (up.upstream_bytes(digest) - before) / size
         result.rows["cold: first byte, slowest client (s)"] = max(r.first_byte for r in cold)
         result.rows["cold: first client done (s)"] = cold[0].done
@@ -97,7 +99,7 @@ def measure(
         result.served_bytes += size * len(cold)
 
         started = time.monotonic()
-        trio.run(checked_clients, url, digest, args.clients, 0.0, False, sampler)
+        trio.run(checked_clients, url, digest, size, args.clients, 0.0, False, sampler)
         warm_seconds = time.monotonic() - started
         result.rows["warm: aggregate MB/s"] = size * args.clients / warm_seconds / 1e6
         result.served_bytes += size * args.clients
@@ -115,7 +117,7 @@ def measure(
             big_digest, big_size = blobs["big"]
             big_url = f"{proxy.url}/v2/bench/blob/blobs/{big_digest}"
             big_sampler = Sampler(proxy.pid)
-            trio.run(checked_clients, big_url, big_digest, 16, 0.25, False, big_sampler)
+            trio.run(checked_clients, big_url, big_digest, big_size, 16, 0.25, False, big_sampler)
             result.served_bytes += big_size * 16
             result.rows["peak RSS, 1 GiB x 16 clients (MiB)"] = big_sampler.peak / 2**20
             sampler.peak = max(sampler.peak, big_sampler.peak)

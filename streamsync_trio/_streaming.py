@@ -29,8 +29,10 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
+import mmap
 import os
 import random
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -311,12 +313,21 @@ def _read_if_cached(fd: int, count: int, offset: int) -> bytes | None:
     A thread hop costs about as much as copying a megabyte, and most reads of a hot layer
     are served from memory.  ``RWF_NOWAIT`` makes the kernel refuse (EAGAIN) instead of
     blocking the event loop on a disk read, and that case goes to a worker thread.
+
+    ``os.pread`` has no flags argument, so the kernel copies into a scratch buffer and we copy
+    that into the ``bytes`` the response needs.  The scratch buffer is placed so that its
+    address has the same remainder modulo the page size as the file offset: the kernel's copy
+    out of the page cache (``rep movsb``) runs three to four times slower when source and
+    destination are a few bytes apart modulo 4096, which is exactly where a fresh
+    ``bytearray`` from malloc lands (measured here: 0.50 s/GB at 16 bytes apart, 0.15 s/GB
+    when aligned).  Reusing one buffer per thread also saves an allocation and a page fault
+    per chunk.
     """
     if _RWF_NOWAIT is None:
         return None
-    buffer = bytearray(count)
+    window = _scratch_window(count, offset)
     try:
-        got = os.preadv(fd, [buffer], offset, _RWF_NOWAIT)
+        got = os.preadv(fd, [window], offset, _RWF_NOWAIT)
     except (BlockingIOError, InterruptedError):
         return None
     except OSError as exc:
@@ -325,7 +336,29 @@ def _read_if_cached(fd: int, count: int, offset: int) -> bytes | None:
         raise
     if got <= 0:
         return None  # nothing cached yet; the worker thread will wait for the disk
-    return bytes(buffer) if got == count else bytes(memoryview(buffer)[:got])
+    return bytes(window[:got])
+
+
+_PAGE = mmap.PAGESIZE
+_scratch = threading.local()
+
+
+def _scratch_window(count: int, offset: int) -> memoryview:
+    """``count`` writable bytes whose address is congruent to ``offset`` modulo the page size.
+
+    Anonymous mmap memory is page aligned, so a slice starting at ``offset % page`` has the
+    file offset's alignment.  The buffer only grows; it is per thread because every event
+    loop reads synchronously into it and copies out before the next checkpoint.
+    """
+    buffer: mmap.mmap | None = getattr(_scratch, "buffer", None)
+    needed = count + _PAGE
+    if buffer is None or len(buffer) < needed:
+        # The old buffer is not closed: a view of it may still be alive in a traceback, and
+        # it is unmapped anyway once the last reference goes.
+        buffer = mmap.mmap(-1, max(needed, 1024 * 1024 + _PAGE))
+        _scratch.buffer = buffer
+    start = offset % _PAGE
+    return memoryview(buffer)[start : start + count]
 
 
 _RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)

@@ -11,12 +11,12 @@ import sys
 from ._config import ConfigError, load_config
 from ._http import create_app
 from ._logging import configure
-from ._process import limit_malloc_arenas
+from ._process import tune_malloc
 
 try:
     config = load_config()
     configure(config.log_format, config.log_level)
-    limit_malloc_arenas()
+    tune_malloc()
     app = create_app(config)
 except ConfigError as exc:
     # A clean one-line message (hypercorn would otherwise print a long traceback around it).
