@@ -168,11 +168,13 @@ class Proxy:
 
 
 @contextlib.contextmanager
-def proxy(workdir: Path, upstream_url: str, *, chunk_size: int = 1024 * 1024) -> Iterator[Proxy]:
+def proxy(
+    workdir: Path, upstream_url: str, *, chunk_size: int = 1024 * 1024, workers: int = 1
+) -> Iterator[Proxy]:
     port = free_port()
     name = upstream_url.removeprefix("http://")
-    cache = workdir / "proxy-cache"
-    config = workdir / "streamsync.toml"
+    cache = workdir / f"proxy-cache-{port}"
+    config = workdir / f"streamsync-{port}.toml"
     config.write_text(
         f'[storage]\nroot = "{cache}"\n[stream]\nchunk_size = {chunk_size}\n'
         f'[log]\nlevel = "warning"\n'
@@ -181,6 +183,7 @@ def proxy(workdir: Path, upstream_url: str, *, chunk_size: int = 1024 * 1024) ->
     env = {**os.environ, "STREAMSYNC_CONFIG": str(config)}
     # The README's way: one process, hypercorn's trio server, the repo's hypercorn.toml.
     args = [sys.executable, "-m", "streamsync_trio", "serve", "--bind", f"127.0.0.1:{port}"]
+    args += ["--workers", str(workers)]
     with process(args, workdir / "proxy.log", env) as pid:
         url = f"http://127.0.0.1:{port}"
         wait_http(url + "/v2/")

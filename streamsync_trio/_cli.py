@@ -80,7 +80,7 @@ def _human(size: int) -> str:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    return serve(Path(args.hypercorn_config), args.bind, args.graceful_timeout)
+    return serve(Path(args.hypercorn_config), args.bind, args.graceful_timeout, args.workers)
 
 
 def _prefetch(args: argparse.Namespace) -> int:
@@ -107,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--graceful-timeout",
         type=float,
         help="seconds in-flight responses get after SIGTERM (default: hypercorn.toml's)",
+    )
+    serving.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes sharing the port and the cache (default: hypercorn.toml's)",
     )
     serving.set_defaults(run=_serve)
     check = commands.add_parser("check-config", help="validate the configuration and exit")

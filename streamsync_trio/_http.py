@@ -328,6 +328,10 @@ async def _blob(
             origin=origin,
             group=upstream.name,
         )
+        if subscriber.download.verified:
+            source = "cache"  # another worker committed it just now
+            mark_source(request.scope, source)
+        joining = joining or subscriber.download.followed
     try:
         size = await subscriber.wait_size()
         # Several Range fields are one multi-range request, which parse_range refuses.

@@ -1,28 +1,49 @@
-"""``streamsync-trio serve``: hypercorn's trio server in this process, with our own signals.
+"""``streamsync-trio serve``: hypercorn's trio server, with our own signals and workers.
 
 ``hypercorn -c hypercorn.toml streamsync_trio.app:app`` works and stays supported, but its
 multi-process runner costs a parent process and a resource tracker next to the one worker
-(about 40 MiB more), and it exits 0 even when its worker died of a bad configuration.  This
-serves the same app (``streamsync_trio.app:app``) with the same ``hypercorn.toml`` through
-``hypercorn.trio.serve``: one process, SIGTERM and SIGINT start hypercorn's graceful shutdown,
-and a bad configuration exits 2.
+(about 40 MiB more), spawns every worker as a fresh interpreter that imports everything again,
+and exits 0 even when its worker died of a bad configuration.  This serves the same app
+(``streamsync_trio.app:app``) with the same ``hypercorn.toml`` through hypercorn's trio worker:
+
+* ``workers = 1``: in this process; SIGTERM and SIGINT start hypercorn's graceful shutdown.
+* ``workers = N``: this process imports and checks everything once, opens the listening
+  sockets, then forks N workers that share them (and, copy-on-write, the imported code).  It
+  forwards SIGTERM/SIGINT, restarts a worker that dies, and exits with the workers.
+  Downloads stay single-flight across workers through the cache's leases (``_lease``).
+
+A bad configuration exits 2 before any worker starts.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
+import os
 import signal
+import sys
+import time
 from functools import partial
 from pathlib import Path
 
 import trio
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.config import Sockets
 from hypercorn.trio import serve as hypercorn_serve
+from hypercorn.trio.run import worker_serve
+from hypercorn.typing import Framework
+from hypercorn.utils import wrap_app
+
+log = logging.getLogger("streamsync_trio.serve")
+
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+# A worker that dies this soon after its start is broken, not unlucky: no restart loop.
+_MIN_WORKER_LIFETIME = 2.0
 
 
 async def _until_signalled() -> None:
     """Returns on the first SIGTERM or SIGINT: hypercorn's cue for a graceful shutdown."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
         async for _ in signals:
             return
 
@@ -31,6 +52,7 @@ def serve(
     hypercorn_toml: Path,
     binds: list[str] | None = None,
     graceful_timeout: float | None = None,
+    workers: int | None = None,
 ) -> int:
     server = HypercornConfig()
     if hypercorn_toml.is_file():
@@ -39,8 +61,108 @@ def serve(
         server.bind = binds
     if graceful_timeout is not None:
         server.graceful_timeout = graceful_timeout
+    if workers is not None:
+        server.workers = workers
     # Importing the app module loads and checks the configuration (exit 2 when it is bad),
     # sets up logging and process tuning: exactly what the hypercorn command gets.
     app = importlib.import_module("streamsync_trio.app").app
-    trio.run(partial(hypercorn_serve, app, server, shutdown_trigger=_until_signalled))
-    return 0
+    if server.workers <= 1:
+        trio.run(partial(hypercorn_serve, app, server, shutdown_trigger=_until_signalled))
+        return 0
+    return _Supervisor(app, server).run()
+
+
+class _Supervisor:
+    """The parent of forked workers: it serves nothing itself and never runs trio, so every
+    fork starts from a process without threads or an event loop."""
+
+    def __init__(self, app: Framework, server: HypercornConfig) -> None:
+        self._app = app
+        self._server = server
+        self._workers: dict[int, float] = {}  # pid -> started at (monotonic)
+        self._sockets: Sockets | None = None
+
+    def run(self) -> int:
+        server = self._server
+        self._sockets = server.create_sockets()
+        for sock in (*self._sockets.secure_sockets, *self._sockets.insecure_sockets):
+            sock.listen(server.backlog)
+        # Signals are taken synchronously with sigwait: no handler can run between a fork
+        # and the bookkeeping of its pid.
+        watched = {*_STOP_SIGNALS, signal.SIGCHLD}
+        signal.pthread_sigmask(signal.SIG_BLOCK, watched)
+        for _ in range(server.workers):
+            self._spawn()
+        log.info("serving with %d worker processes", server.workers)
+        status = 0
+        while True:
+            received = signal.sigwait(watched)
+            if received in _STOP_SIGNALS:
+                return self._stop(status)
+            for pid, code in self._reap():
+                lifetime = time.monotonic() - self._workers.pop(pid)
+                if lifetime < _MIN_WORKER_LIFETIME:
+                    log.error("worker %d exited with %d at start; stopping", pid, code)
+                    return self._stop(1)
+                log.warning("worker %d exited with %d; starting another", pid, code)
+                self._spawn()
+
+    def _spawn(self) -> None:
+        pid = os.fork()
+        if pid == 0:
+            os._exit(self._work())
+        self._workers[pid] = time.monotonic()
+
+    def _work(self) -> int:
+        """The forked worker: hypercorn's trio worker on the inherited sockets."""
+        try:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {*_STOP_SIGNALS, signal.SIGCHLD})
+            trio.run(
+                partial(
+                    worker_serve,
+                    wrap_app(self._app, self._server.wsgi_max_body_size, None),
+                    self._server,
+                    sockets=self._sockets,
+                    shutdown_trigger=_until_signalled,
+                )
+            )
+            return 0
+        except BaseException:
+            log.exception("worker %d failed", os.getpid())
+            return 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+
+    def _reap(self) -> list[tuple[int, int]]:
+        ended = []
+        while self._workers:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            if pid in self._workers:
+                ended.append((pid, os.waitstatus_to_exitcode(status)))
+        return ended
+
+    def _stop(self, status: int) -> int:
+        """Forward the stop to every worker and wait for them: they drain gracefully."""
+        for pid in self._workers:
+            _signal(pid, signal.SIGTERM)
+        deadline = time.monotonic() + self._server.graceful_timeout + 5
+        while self._workers:
+            for pid, code in self._reap():
+                del self._workers[pid]
+                status = status or (0 if code == 0 else 1)
+            if time.monotonic() > deadline:
+                for pid in self._workers:
+                    _signal(pid, signal.SIGKILL)
+                deadline = float("inf")
+            time.sleep(0.05)
+        return status
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass

@@ -7,11 +7,12 @@ Layout under the root::
     tags/<upstream>/<repo>/_tags/<tag> JSON tag record (digest, media type, fetched at)
     tags/<upstream>/<repo>/_links/<alg>-<hex>  "this repository contains this digest"
     partial/<alg>-<hex>.<nonce>       in-flight downloads; never served as complete
+    leases/<alg>-<hex>                who owns an in-flight download (see ``_lease``)
 
 Everything visible under ``blobs/`` and ``manifests/`` got there by an atomic rename after the
 content was verified, so a crash at any moment leaves either the old state or the new, never a
-torn file under a content address.  Partials from a previous run are unverifiable leftovers
-and are removed at start.
+torn file under a content address.  Partials nobody owns (a crashed process left them) are
+unverifiable leftovers and are removed at start; those of other live workers are kept.
 
 This is one of the two seams design.md §8 asks to keep clean (put partial, commit, open): the
 methods are synchronous and do no hashing or networking, so a shared-filesystem or object-store
@@ -27,6 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ._lease import remove_abandoned
 from ._reference import Digest
 
 
@@ -50,7 +52,14 @@ class Store:
         self._manifests = self.root / "manifests"
         self._tags = self.root / "tags"
         self.partial_dir = self.root / "partial"
-        for directory in (self._blobs, self._manifests, self._tags, self.partial_dir):
+        self.lease_dir = self.root / "leases"
+        for directory in (
+            self._blobs,
+            self._manifests,
+            self._tags,
+            self.partial_dir,
+            self.lease_dir,
+        ):
             directory.mkdir(parents=True, exist_ok=True)
         # Kept up to date by commit and eviction, so a status page or a size cap never walks
         # the tree; ``scan`` (at start, in a worker thread) sets the initial numbers.
@@ -82,14 +91,8 @@ class Store:
         return []
 
     def remove_leftover_partials(self) -> int:
-        """Delete partials of a previous run; returns how many there were."""
-        removed = 0
-        for entry in self.partial_dir.iterdir():
-            if entry.name.startswith(".probe-"):
-                continue
-            entry.unlink(missing_ok=True)
-            removed += 1
-        return removed
+        """Delete partials no live process owns; returns how many there were."""
+        return remove_abandoned(self.lease_dir, self.partial_dir)
 
     # -- blobs -------------------------------------------------------------------------------
 
@@ -175,12 +178,18 @@ class Store:
         return {
             "manifests": sum(1 for p in self._manifests.rglob("*") if p.is_file()),
             "tags": sum(1 for p in self._tags.rglob("_tags/*") if p.is_file()),
-            "partials": sum(1 for _ in self.partial_dir.iterdir()),
+            "partials": sum(1 for p in self.partial_dir.iterdir() if not p.name.startswith(".")),
         }
 
     def new_partial(self, digest: Digest) -> Path:
         """A fresh, unique partial path: two generations of one digest never share a file."""
         return self.partial_dir / f"{digest.algorithm}-{digest.hex}.{secrets.token_hex(6)}"
+
+    def note_committed(self, digest: Digest, size: int) -> None:
+        """Count a blob another process committed (we followed its download)."""
+        del digest  # the running totals do not track which; a later listing corrects them
+        self._blob_count += 1
+        self._blob_bytes += size
 
     def commit_blob(self, partial: Path, digest: Digest) -> Path:
         """Atomically publish a verified partial (already fsynced by the caller)."""

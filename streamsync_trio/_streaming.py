@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 import trio
 
 from ._errors import RegistryError, upstream_timeout, upstream_unavailable
+from ._lease import Followed, Owned, claim, is_same_file
 from ._reference import Digest
 
 if TYPE_CHECKING:
@@ -55,6 +56,12 @@ _T = TypeVar("_T")
 # A batch is flushed when it reaches chunk_size, or when its oldest byte has waited this long:
 # a slow upstream must not hold the first byte back for a whole chunk (time to first byte).
 FLUSH_INTERVAL = 0.05
+
+# How often a follower looks at another process's download (lock, size, bytes written).
+FOLLOW_INTERVAL = 0.02
+
+# Claiming a digest retries when its owner ends mid-claim; this many times, then 503.
+_START_ATTEMPTS = 5
 
 
 class BlobBody(Protocol):
@@ -165,6 +172,13 @@ class Download:
         self.failure: RegistryError | None = None
         self.upstream_requests = 0
         self.resumes = 0
+        # Set when another process owns the download and this one only tails its partial.
+        self.followed = False
+        # A follower's fd on the owner's partial: subscribers dup it, because the path can
+        # be renamed (commit) or removed (failure) in the other process at any moment.
+        self._hold_fd: int | None = None
+        # The owner tells other processes the size as soon as it knows it.
+        self._on_size: Callable[[int], None] | None = None
         self._size_known = trio.Event()  # set once size is known, or on failure
         self._finished = trio.Event()  # set on commit or on failure
         self._wakeups: set[trio.MemorySendChannel[None]] = set()
@@ -187,6 +201,13 @@ class Download:
     def _set_size(self, size: int) -> None:
         self.size = size
         self._size_known.set()
+        if self._on_size is not None:
+            self._on_size(size)
+
+    def _open_reader(self) -> int:
+        if self._hold_fd is not None:
+            return os.dup(self._hold_fd)
+        return os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
 
     def _fail(self, error: RegistryError) -> None:
         if self.failure is not None or self.verified:
@@ -214,9 +235,7 @@ class Subscriber:
         self._end: int | None = None
         # Opened synchronously, in the same scheduling step that found the download, so the
         # path cannot be renamed or removed in between.
-        self._fd: int | None = (
-            os.open(download.path, os.O_RDONLY | os.O_CLOEXEC) if fd is None else fd
-        )
+        self._fd: int | None = download._open_reader() if fd is None else fd
         self._wake_send, self._wake_receive = trio.open_memory_channel[None](1)
         download._wakeups.add(self._wake_send)
 
@@ -433,15 +452,160 @@ class DownloadRegistry:
         step, so two requests can never both start a producer for one digest.
         """
         download = self._downloads.get(digest)
-        if download is None:
-            path = self._store.new_partial(digest)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            download = Download(digest, path, origin, group)
+        if download is not None:
+            return Subscriber(download)
+        try:
+            return self._start(digest, source, stall_timeout, retry, origin, group)
+        except OSError as exc:
+            log.error("cannot start the download of %s: %s", digest, exc)
+            raise RegistryError(500, "UNKNOWN", "cache write failed") from None
+
+    def _start(
+        self,
+        digest: Digest,
+        source: BlobSource,
+        stall_timeout: float,
+        retry: RetryPolicy,
+        origin: Hashable,
+        group: str,
+    ) -> Subscriber:
+        """Own the download, or follow the process that owns it (see ``_lease``)."""
+        store = self._store
+        for _ in range(_START_ATTEMPTS):
+            try:
+                lease = claim(store.lease_dir, store.partial_dir, digest)
+            except RuntimeError as exc:
+                raise RegistryError(
+                    503, "UNAVAILABLE", str(exc), headers={"Retry-After": "1"}
+                ) from None
+            if isinstance(lease, Owned):
+                # The caller found nothing stored, but another process may have committed
+                # since; its lease is gone then, and we must not fetch the blob again.
+                stored = self._open_stored(digest)
+                if stored is not None:
+                    lease.release()
+                    return stored
+                try:
+                    fd = os.open(
+                        lease.partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644
+                    )
+                except BaseException:
+                    lease.release()
+                    raise
+                download = Download(digest, lease.partial, origin, group)
+                download._on_size = partial(_publish_size, lease, digest)
+                self._downloads[digest] = download
+                self._stats(download).started += 1
+                log.info("download %s started", digest, extra=_event("download_start", download))
+                self._nursery.start_soon(
+                    self._produce, download, fd, lease, source, stall_timeout, retry
+                )
+                return Subscriber(download)
+            try:
+                hold = os.open(lease.partial, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                # The owner ended between the two steps: committed, or failed.
+                lease.close()
+                stored = self._open_stored(digest)
+                if stored is not None:
+                    return stored
+                continue
+            except BaseException:
+                lease.close()
+                raise
+            download = Download(digest, lease.partial, origin, group)
+            download.followed = True
+            download._hold_fd = hold
             self._downloads[digest] = download
-            self._stats(download).started += 1
-            log.info("download %s started", digest, extra=_event("download_start", download))
-            self._nursery.start_soon(self._produce, download, fd, source, stall_timeout, retry)
-        return Subscriber(download)
+            log.info(
+                "download %s is owned by another process; following it",
+                digest,
+                extra=_event("download_follow", download),
+            )
+            self._nursery.start_soon(self._follow, download, lease, hold)
+            return Subscriber(download)
+        raise RegistryError(
+            503, "UNAVAILABLE", "the download kept changing hands", headers={"Retry-After": "1"}
+        )
+
+    def _open_stored(self, digest: Digest) -> Subscriber | None:
+        fd = self._store.open_blob(digest)
+        if fd is None:
+            return None
+        return read_stored(
+            digest, fd, self._store.blob_path(digest), partial(self._store.release, digest)
+        )
+
+    # -- a follower ------------------------------------------------------------------------
+
+    async def _follow(self, download: Download, lease: Followed, hold: int) -> None:
+        """Tail another process's partial until its owner lets go; never raises.
+
+        Polling, because neither a lock release nor a file growing in another process can be
+        awaited in trio; every ``FOLLOW_INTERVAL`` costs three system calls.  The owner ended
+        well only if the stored blob is the very file we have been reading: then every byte
+        we served was verified by the owner, and the held-back last bytes may go.
+        """
+        try:
+            while True:
+                ended = lease.owner_ended()  # first: whatever it wrote before is seen below
+                if download.size is None:
+                    size = lease.size()
+                    if size is not None:
+                        download._set_size(size)
+                written = os.fstat(hold).st_size
+                if written > download.available:
+                    download.available = written
+                    download._wake_all()
+                if ended:
+                    break
+                await trio.sleep(FOLLOW_INTERVAL)
+            stored = self._store.blob_path(download.digest)
+            if not is_same_file(hold, stored):
+                raise RegistryError(
+                    502,
+                    "UNAVAILABLE",
+                    "the upstream download failed in another worker process; retry",
+                )
+            size = os.fstat(hold).st_size
+            if download.size is None:
+                download._set_size(size)
+            download.available = size
+            download.path = stored
+            download.verified = True
+            self._store.note_committed(download.digest, size)
+            self._drop(download)
+            download._finished.set()
+            download._wake_all()
+            if self._on_commit is not None:
+                self._on_commit(download)
+            log.info(
+                "download %s committed by its owner process",
+                download.digest,
+                extra=_event("download_finish", download),
+            )
+        except RegistryError as error:
+            log.warning(
+                "download %s failed: %s",
+                download.digest,
+                error.message,
+                extra=_event("download_fail", download, reason="owner_failed"),
+            )
+            download._fail(error)
+        except OSError as exc:
+            log.error("download %s: cannot follow %s: %s", download.digest, download.path, exc)
+            download._fail(RegistryError(500, "UNKNOWN", "cache read failed"))
+        except trio.Cancelled:
+            download._fail(RegistryError(503, "UNAVAILABLE", "the proxy is shutting down"))
+            raise
+        except Exception as exc:
+            log.exception("download %s: unexpected error while following", download.digest)
+            download._fail(RegistryError(500, "UNKNOWN", f"internal error: {type(exc).__name__}"))
+        finally:
+            download._hold_fd = None
+            os.close(hold)
+            lease.close()
+            self._drop(download)
 
     # -- the producer ------------------------------------------------------------------------
 
@@ -449,6 +613,7 @@ class DownloadRegistry:
         self,
         download: Download,
         fd: int,
+        lease: Owned,
         source: BlobSource,
         stall_timeout: float,
         retry: RetryPolicy,
@@ -498,8 +663,12 @@ class DownloadRegistry:
         finally:
             os.close(fd)
             self._drop(download)
-            if not committed:
-                download.path.unlink(missing_ok=True)
+            try:
+                if not committed:
+                    download.path.unlink(missing_ok=True)
+            finally:
+                # Last: the moment the lock drops, followers elsewhere look for the result.
+                lease.release()
 
     def _drop(self, download: Download) -> None:
         if self._downloads.get(download.digest) is download:
@@ -620,6 +789,14 @@ class DownloadRegistry:
         download.available += len(data)
         self._stats(download).upstream_bytes += len(data)
         download._wake_all()
+
+
+def _publish_size(lease: Owned, digest: Digest, size: int) -> None:
+    try:
+        lease.publish_size(size)
+    except OSError as exc:
+        # Followers in other processes then learn the size when the download ends.
+        log.warning("download %s: cannot publish its size: %s", digest, exc)
 
 
 def _event(name: str, download: Download, **more: object) -> dict[str, object]:
