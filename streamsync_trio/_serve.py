@@ -37,7 +37,7 @@ from hypercorn.utils import wrap_app
 log = logging.getLogger("streamsync_trio.serve")
 
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
-# A worker that dies this soon after its start is broken, not unlucky: no restart loop.
+# A worker that fails this soon after its start is broken, not unlucky: no restart loop.
 _MIN_WORKER_LIFETIME = 2.0
 
 
@@ -99,12 +99,13 @@ class _Supervisor:
             received = signal.sigwait(watched)
             if received in _STOP_SIGNALS:
                 return self._stop(status)
-            for pid, code in self._reap():
-                lifetime = time.monotonic() - self._workers.pop(pid)
-                if lifetime < _MIN_WORKER_LIFETIME:
-                    log.error("worker %d exited with %d at start; stopping", pid, code)
+            for pid, code, lifetime in self._reap():
+                if code > 0 and lifetime < _MIN_WORKER_LIFETIME:
+                    # Its start failed (say, an unwritable cache): another would fail alike.
+                    log.error("worker %d failed at start (exit %d); stopping", pid, code)
                     return self._stop(1)
-                log.warning("worker %d exited with %d; starting another", pid, code)
+                # Killed (the OOM killer, an operator) or failed later: replace it.
+                log.warning("worker %d exited (%d); starting another", pid, code)
                 self._spawn()
 
     def _spawn(self) -> None:
@@ -134,14 +135,20 @@ class _Supervisor:
             sys.stdout.flush()
             sys.stderr.flush()
 
-    def _reap(self) -> list[tuple[int, int]]:
+    def _reap(self) -> list[tuple[int, int, float]]:
+        """Workers that exited: (pid, exit code, seconds they lived); forgets them."""
         ended = []
         while self._workers:
-            pid, status = os.waitpid(-1, os.WNOHANG)
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
             if pid == 0:
                 break
-            if pid in self._workers:
-                ended.append((pid, os.waitstatus_to_exitcode(status)))
+            started = self._workers.pop(pid, None)
+            if started is not None:
+                code = os.waitstatus_to_exitcode(status)
+                ended.append((pid, code, time.monotonic() - started))
         return ended
 
     def _stop(self, status: int) -> int:
@@ -150,8 +157,7 @@ class _Supervisor:
             _signal(pid, signal.SIGTERM)
         deadline = time.monotonic() + self._server.graceful_timeout + 5
         while self._workers:
-            for pid, code in self._reap():
-                del self._workers[pid]
+            for _, code, _ in self._reap():
                 status = status or (0 if code == 0 else 1)
             if time.monotonic() > deadline:
                 for pid in self._workers:

@@ -41,9 +41,13 @@ def start(
     extra_args: tuple[str, ...] = (),
     *,
     launcher: str = "hypercorn",
+    output: Path | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start the proxy as the README does: ``hypercorn ... streamsync_trio.app:app``, or
-    (``launcher="serve"``) ``streamsync-trio serve``, both with the repo's hypercorn.toml."""
+    (``launcher="serve"``) ``streamsync-trio serve``, both with the repo's hypercorn.toml.
+
+    Its output is piped (``stop`` returns it), or written to ``output`` for a test that
+    must read the log while the proxy runs."""
     env = {k: v for k, v in os.environ.items() if k != "STREAMSYNC_CONFIG"}
     if config is not None:
         env["STREAMSYNC_CONFIG"] = str(config)
@@ -55,9 +59,12 @@ def start(
     else:
         command = [HYPERCORN, "--config", hypercorn_toml, *extra_args]
         command += ["--bind", f"127.0.0.1:{port}", "streamsync_trio.app:app"]
-    return subprocess.Popen(
-        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
+    if output is None:
+        return subprocess.Popen(
+            command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+    with output.open("wb") as sink:
+        return subprocess.Popen(command, cwd=cwd, env=env, stdout=sink, stderr=subprocess.STDOUT)
 
 
 def stop(process: subprocess.Popen[bytes]) -> str:
@@ -71,7 +78,7 @@ def stop(process: subprocess.Popen[bytes]) -> str:
         output, _ = process.communicate()
     for pid in children:
         with_signal(pid, signal.SIGKILL)
-    return output.decode(errors="replace")
+    return (output or b"").decode(errors="replace")
 
 
 def child_pids(parent: int) -> list[int]:

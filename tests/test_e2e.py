@@ -40,7 +40,11 @@ class Lab:
 
 @asynccontextmanager
 async def lab(
-    tmp_path: Path, *, bytes_per_second: float | None = None, **upstream: object
+    tmp_path: Path,
+    *,
+    bytes_per_second: float | None = None,
+    workers: int = 1,
+    **upstream: object,
 ) -> AsyncIterator[Lab]:
     require_tools()
     with registry(tmp_path) as upstream_registry:
@@ -54,7 +58,7 @@ async def lab(
                 **upstream,
             )
             proxy_port = free_port()
-            process = start(tmp_path, proxy_port, config)
+            process = start(tmp_path, proxy_port, config, ("--workers", str(workers)))
             proxy_url = f"http://127.0.0.1:{proxy_port}"
             try:
                 await wait_ready(proxy_url, process)
@@ -89,10 +93,14 @@ async def test_cold_pull_fetches_each_blob_once_and_warm_pull_fetches_nothing(
         assert all(e2e.blob_gets(digest) == 1 for digest in image.blobs())
 
 
-async def test_concurrent_pulls_share_one_upstream_download_per_blob(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_concurrent_pulls_share_one_upstream_download_per_blob(
+    tmp_path: Path, workers: int
+) -> None:
     # 8 MB/s per upstream connection: each 8 MiB layer takes about a second, so four
-    # pulls started together overlap on every layer.
-    async with lab(tmp_path, bytes_per_second=8e6) as e2e:
+    # pulls started together overlap on every layer.  With two hypercorn worker processes
+    # the pulls land on both, and the workers share each download through its lease.
+    async with lab(tmp_path, bytes_per_second=8e6, workers=workers) as e2e:
         image = await pushed_image(e2e, "image", [8 * MiB, 8 * MiB, 4 * MiB])
         results: dict[int, dict[str, bytes]] = {}
 

@@ -1,0 +1,119 @@
+"""Several worker processes on one cache, as real processes: the workers = 2 proof.
+
+Both launchers the README gives are covered: ``hypercorn --workers 2`` (hypercorn's own
+multi-process runner) and ``streamsync-trio serve --workers 2`` (our pre-forking one).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from .fake_server import serving
+from .fakes import FakeRegistry
+from .proclab import child_pids, free_port, start, stop, wait_ready, write_config
+
+MiB = 1024 * 1024
+FOLLOWING = "is owned by another process; following it"
+
+
+async def get_all(url: str, clients: int) -> list[bytes]:
+    """``clients`` GETs at once, each on its own connection (so the kernel spreads them)."""
+    bodies: list[bytes] = []
+
+    async def one() -> None:
+        async with httpx.AsyncClient() as client:
+            response = await client.get(url, timeout=60)
+            assert response.status_code == 200, response.text
+            bodies.append(response.content)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(clients):
+            nursery.start_soon(one)
+    return bodies
+
+
+def started(
+    tmp_path: Path, upstream_url: str, launcher: str
+) -> tuple[subprocess.Popen[bytes], str]:
+    config = write_config(tmp_path / "cfg.toml", tmp_path / "cache", upstream_url, read_timeout=30)
+    port = free_port()
+    process = start(
+        tmp_path, port, config, ("--workers", "2"), launcher=launcher, output=tmp_path / "log"
+    )
+    return process, f"http://127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize("launcher", ["hypercorn", "serve"])
+async def test_two_worker_processes_fetch_each_blob_from_the_upstream_once(
+    tmp_path: Path, launcher: str
+) -> None:
+    fake = FakeRegistry(chunk_delay=0.01)  # 6.4 MB/s: a 4 MiB blob is in flight ~0.65 s
+    async with serving(fake) as upstream_url:
+        process, url = started(tmp_path, upstream_url, launcher)
+        try:
+            await wait_ready(url, process)
+            # Connections go to whichever worker accepts first, so a round may land on one
+            # worker only; new blobs until the log shows one worker following the other.
+            for _ in range(8):
+                data = os.urandom(4 * MiB)
+                digest = fake.add_blob(data)
+                bodies = await get_all(f"{url}/v2/library/app/blobs/{digest}", 8)
+                assert bodies == [data] * 8
+                assert len(fake.blob_gets(digest)) == 1
+                if FOLLOWING in (tmp_path / "log").read_text():
+                    break
+            assert FOLLOWING in (tmp_path / "log").read_text()
+            assert list((tmp_path / "cache" / "partial").iterdir()) == []
+            assert list((tmp_path / "cache" / "leases").iterdir()) == []
+        finally:
+            stop(process)
+
+
+async def test_serve_replaces_a_killed_worker_and_stops_them_all_on_sigterm(
+    tmp_path: Path,
+) -> None:
+    fake = FakeRegistry()
+    data = os.urandom(1 * MiB)
+    digest = fake.add_blob(data)
+    async with serving(fake) as upstream_url:
+        process, url = started(tmp_path, upstream_url, "serve")
+        try:
+            await wait_ready(url, process)
+            first = child_pids(process.pid)
+            assert len(first) == 2
+            os.kill(first[0], signal.SIGKILL)
+            with trio.fail_after(10):
+                while len(now := child_pids(process.pid)) != 2 or first[0] in now:
+                    await trio.sleep(0.05)
+            assert first[1] in now  # the other worker was left alone
+            assert await get_all(f"{url}/v2/library/app/blobs/{digest}", 4) == [data] * 4
+            process.send_signal(signal.SIGTERM)
+            with trio.fail_after(15):
+                code = await trio.to_thread.run_sync(process.wait)
+            assert code == 0
+            assert all(not os.path.exists(f"/proc/{pid}") for pid in now)  # noqa: ASYNC240
+            assert "starting another" in (tmp_path / "log").read_text()
+        finally:
+            if process.poll() is None:
+                stop(process)
+
+
+async def test_serve_stops_when_its_workers_cannot_start(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "partial").write_text("not a directory")  # every worker's startup fails
+    config = write_config(tmp_path / "cfg.toml", cache, "http://127.0.0.1:9")
+    process = start(
+        tmp_path, free_port(), config, ("--workers", "2"), launcher="serve", output=tmp_path / "log"
+    )
+    with trio.fail_after(20):
+        code = await trio.to_thread.run_sync(process.wait)
+    assert code != 0
+    assert "failed at start" in (tmp_path / "log").read_text()
