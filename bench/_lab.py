@@ -190,17 +190,19 @@ def proxy(
         yield Proxy(url, pid, cache)
 
 
-def tree_rss_bytes(pid: int) -> int:
-    """Resident memory of a process and all its descendants, from /proc."""
-    total = 0
+def tree_memory_bytes(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) of a process and all its descendants, summed, from /proc."""
+    rss = pss = 0
     for member in _tree(pid):
         try:
-            for line in Path(f"/proc/{member}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
+            for line in Path(f"/proc/{member}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Rss:"):
+                    rss += int(line.split()[1]) * 1024
+                elif line.startswith("Pss:"):
+                    pss += int(line.split()[1]) * 1024
         except OSError:
             continue
-    return total
+    return rss, pss
 
 
 @contextlib.contextmanager

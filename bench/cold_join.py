@@ -55,14 +55,23 @@ async def client(
 
 @dataclass
 class Sampler:
-    """Samples the resident memory of a process tree every 50 ms; keeps the peak."""
+    """Samples the memory of a process tree every 50 ms; keeps the peaks.
+
+    ``peak`` sums each member's resident set (RSS): pages a forked worker shares with its
+    parent are counted once per process.  ``peak_pss`` sums proportional set sizes, which
+    split shared pages between their sharers: what the tree costs the machine.  For one
+    process the two differ only by the pages it shares with other programs (libc, say).
+    """
 
     pid: int
     peak: int = 0
+    peak_pss: int = 0
 
     async def run(self) -> None:
         while True:
-            self.peak = max(self.peak, await trio.to_thread.run_sync(_lab.tree_rss_bytes, self.pid))
+            rss, pss = await trio.to_thread.run_sync(_lab.tree_memory_bytes, self.pid)
+            self.peak = max(self.peak, rss)
+            self.peak_pss = max(self.peak_pss, pss)
             await trio.sleep(0.05)
 
 

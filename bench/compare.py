@@ -1,15 +1,18 @@
 """streamsync-trio against CNCF Distribution's proxy mode, side by side in one lab.
 
-Both mirrors sit in front of the same upstream (Distribution behind nginx limiting each
-connection to --rate, whose access log counts upstream bytes) and get the same workloads:
+The mirrors (ours with --workers worker processes, ours with one, and Distribution) sit in
+front of the same upstream (Distribution behind nginx limiting each connection to --rate,
+whose access log counts upstream bytes), all running at once, and get the same workloads:
 
 1. cold: N clients join one uncached blob D seconds apart (upstream bytes / blob size, time to
    first byte, completion of the first and the last client);
-2. warm: the same N clients at once on the now cached blob (aggregate MB/s; clients write to
-   /dev/null, so the client side does not cap it);
+2. warm: the same N clients at once on the now cached blob, --warm-rounds times per mirror,
+   mirrors taking turns (aggregate MB/s, median; clients write to /dev/null, so the client
+   side does not cap it);
 3. skopeo pull of a 16 x 4 MiB image, cold then warm;
-4. a 1 GiB blob with 16 clients (peak RSS must stay flat);
-and for each mirror the peak RSS of its whole process tree and CPU seconds per GB served.
+4. a 1 GiB blob with 16 clients (peak memory must stay flat);
+and for each mirror the peak memory of its whole process tree (RSS summed, and PSS, which
+counts pages shared between forked workers once) and CPU seconds per GB served.
 
     .venv/bin/python bench/compare.py            # prints the table, writes docs/benchmark.png
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,10 +42,19 @@ GB = 1e9
 @dataclass
 class Measured:
     name: str
+    proxy: _lab.Proxy
     rows: dict[str, float] = field(default_factory=dict)
     served_bytes: int = 0
-    peak_rss: int = 0
-    cpu_seconds: float = 0.0
+    cpu_before: float = 0.0
+    sampler: Sampler = field(init=False)
+    warm_rounds: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.sampler = Sampler(self.proxy.pid)
+        self.cpu_before = _lab.tree_cpu_seconds(self.proxy.pid)
+
+    def blob_url(self, digest: str) -> str:
+        return f"{self.proxy.url}/v2/bench/blob/blobs/{digest}"
 
 
 async def checked_clients(
@@ -72,60 +85,87 @@ def timed_skopeo(proxy_url: str, reference: str, destination: Path) -> float:
     return elapsed
 
 
-def measure(
-    name: str,
-    mirror: Callable[[], contextlib.AbstractContextManager[_lab.Proxy]],
+def cold(m: Measured, up: _lab.Upstream, blob: tuple[str, int], args: argparse.Namespace) -> None:
+    digest, size = blob
+    before = up.upstream_bytes(digest)
+    results = trio.run(
+        checked_clients,
+        m.blob_url(digest),
+        digest,
+        size,
+        args.clients,
+        args.join_every,
+        True,
+        m.sampler,
+    )
+    m.rows["upstream bytes / blob size"] = (up.upstream_bytes(digest) - before) / size
+    m.rows["cold: first byte, slowest client (s)"] = max(r.first_byte for r in results)
+    m.rows["cold: first client done (s)"] = results[0].done
+    m.rows["cold: last client done (s)"] = results[-1].done
+    m.rows["cold: last / first"] = results[-1].done / results[0].done
+    m.served_bytes += size * len(results)
+
+
+def warm_round(m: Measured, blob: tuple[str, int], args: argparse.Namespace) -> None:
+    digest, size = blob
+    started = time.monotonic()
+    trio.run(checked_clients, m.blob_url(digest), digest, size, args.clients, 0.0, False, m.sampler)
+    m.warm_rounds.append(size * args.clients / (time.monotonic() - started) / 1e6)
+    m.served_bytes += size * args.clients
+
+
+def skopeo_pulls(m: Measured, workdir: Path) -> None:
+    slug = m.name.replace(" ", "-").replace(",", "")
+    for kind in ("cold", "warm"):
+        m.rows[f"skopeo 16 x 4 MiB {kind} (s)"] = timed_skopeo(
+            m.proxy.url, "bench/image:v1", workdir / f"{slug}-{kind}"
+        )
+        m.served_bytes += 16 * 4 * 1024 * 1024
+
+
+def big_blob(m: Measured, blob: tuple[str, int]) -> None:
+    digest, size = blob
+    sampler = Sampler(m.proxy.pid)
+    trio.run(checked_clients, m.blob_url(digest), digest, size, 16, 0.25, False, sampler)
+    m.served_bytes += size * 16
+    m.rows["peak RSS, 1 GiB x 16 clients (MiB)"] = sampler.peak / 2**20
+    m.rows["peak PSS, 1 GiB x 16 clients (MiB)"] = sampler.peak_pss / 2**20
+
+
+def finish(m: Measured) -> None:
+    m.rows["warm: aggregate MB/s (median)"] = statistics.median(m.warm_rounds)
+    m.rows["warm: slowest / fastest round (MB/s)"] = min(m.warm_rounds) / max(m.warm_rounds)
+    m.rows["peak RSS, 256 MiB runs (MiB)"] = m.sampler.peak / 2**20
+    m.rows["peak PSS, 256 MiB runs (MiB)"] = m.sampler.peak_pss / 2**20
+    cpu = _lab.tree_cpu_seconds(m.proxy.pid) - m.cpu_before
+    m.rows["CPU seconds per GB served"] = cpu / (m.served_bytes / GB)
+
+
+def measure_all(
+    mirrors: dict[str, Callable[[], contextlib.AbstractContextManager[_lab.Proxy]]],
     up: _lab.Upstream,
     blobs: dict[str, tuple[str, int]],
     args: argparse.Namespace,
     workdir: Path,
-) -> Measured:
-    result = Measured(name)
-    with mirror() as proxy:
-        sampler = Sampler(proxy.pid)
-        cpu_before = _lab.tree_cpu_seconds(proxy.pid)
-
-        digest, size = blobs["cold"]
-        url = f"{proxy.url}/v2/bench/blob/blobs/{digest}"
-        before = up.upstream_bytes(digest)
-        cold = trio.run(
-            checked_clients, url, digest, size, args.clients, args.join_every, True, sampler
-        )
-        result.rows["upstream bytes / blob size"] = (up.upstream_bytes(digest) - before) / size
-        result.rows["cold: first byte, slowest client (s)"] = max(r.first_byte for r in cold)
-        result.rows["cold: first client done (s)"] = cold[0].done
-        result.rows["cold: last client done (s)"] = cold[-1].done
-        result.rows["cold: last / first"] = cold[-1].done / cold[0].done
-        result.served_bytes += size * len(cold)
-
-        started = time.monotonic()
-        trio.run(checked_clients, url, digest, size, args.clients, 0.0, False, sampler)
-        warm_seconds = time.monotonic() - started
-        result.rows["warm: aggregate MB/s"] = size * args.clients / warm_seconds / 1e6
-        result.served_bytes += size * args.clients
-
-        result.rows["skopeo 16 x 4 MiB cold (s)"] = timed_skopeo(
-            proxy.url, "bench/image:v1", workdir / f"{name}-cold"
-        )
-        result.rows["skopeo 16 x 4 MiB warm (s)"] = timed_skopeo(
-            proxy.url, "bench/image:v1", workdir / f"{name}-warm"
-        )
-        result.served_bytes += 2 * 16 * 4 * 1024 * 1024
-        result.rows["peak RSS, 256 MiB runs (MiB)"] = sampler.peak / 2**20
-
+) -> list[Measured]:
+    """Every mirror runs for the whole measurement, each phase takes them in turn, and the
+    warm rounds alternate between mirrors: a slow spell of the machine (it is shared) then
+    hits all of them instead of whichever happened to run at that moment."""
+    with contextlib.ExitStack() as stack:
+        results = [Measured(name, stack.enter_context(start())) for name, start in mirrors.items()]
+        for m in results:
+            cold(m, up, blobs["cold"], args)
+        for _ in range(args.warm_rounds):
+            for m in results:
+                warm_round(m, blobs["cold"], args)
+        for m in results:
+            skopeo_pulls(m, workdir)
         if not args.skip_big:
-            big_digest, big_size = blobs["big"]
-            big_url = f"{proxy.url}/v2/bench/blob/blobs/{big_digest}"
-            big_sampler = Sampler(proxy.pid)
-            trio.run(checked_clients, big_url, big_digest, big_size, 16, 0.25, False, big_sampler)
-            result.served_bytes += big_size * 16
-            result.rows["peak RSS, 1 GiB x 16 clients (MiB)"] = big_sampler.peak / 2**20
-            sampler.peak = max(sampler.peak, big_sampler.peak)
-
-        result.cpu_seconds = _lab.tree_cpu_seconds(proxy.pid) - cpu_before
-        result.peak_rss = sampler.peak
-        result.rows["CPU seconds per GB served"] = result.cpu_seconds / (result.served_bytes / GB)
-    return result
+            for m in results:
+                big_blob(m, blobs["big"])
+        for m in results:
+            finish(m)
+    return results
 
 
 def chart(results: list[Measured], path: Path) -> None:
@@ -135,10 +175,10 @@ def chart(results: list[Measured], path: Path) -> None:
     panels = [
         ("upstream bytes / blob size", "lower is better"),
         ("cold: last client done (s)", "lower is better"),
-        ("warm: aggregate MB/s", "higher is better"),
+        ("warm: aggregate MB/s (median)", "higher is better"),
         ("CPU seconds per GB served", "lower is better"),
     ]
-    colours = [(30, 136, 229), (120, 120, 120)]
+    colours = [(30, 136, 229), (144, 202, 249), (120, 120, 120)]
     width, height, pad = 1100, 360, 30
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
@@ -151,12 +191,14 @@ def chart(results: list[Measured], path: Path) -> None:
         draw.text((left, 26), hint, fill=(110, 110, 110))
         for bar, (value, result) in enumerate(zip(values, results, strict=True)):
             bar_height = int((height - 110) * value / top)
-            x0 = left + 20 + bar * 90
+            x0 = left + 10 + bar * 85
             draw.rectangle(
-                (x0, height - 50 - bar_height, x0 + 60, height - 50), fill=colours[bar % 2]
+                (x0, height - 50 - bar_height, x0 + 60, height - 50),
+                fill=colours[bar % len(colours)],
             )
             draw.text((x0, height - 64 - bar_height), f"{value:.2f}", fill="black")
-            draw.text((x0, height - 40), result.name, fill="black")
+            for line, text in enumerate(result.name.split(", ")):
+                draw.text((x0, height - 40 + 12 * line), text, fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
 
@@ -176,34 +218,67 @@ def lab(
             yield workdir, up, blobs
 
 
+ROWS = [
+    "upstream bytes / blob size",
+    "cold: first byte, slowest client (s)",
+    "cold: first client done (s)",
+    "cold: last client done (s)",
+    "cold: last / first",
+    "warm: aggregate MB/s (median)",
+    "warm: slowest / fastest round (MB/s)",
+    "skopeo 16 x 4 MiB cold (s)",
+    "skopeo 16 x 4 MiB warm (s)",
+    "peak RSS, 256 MiB runs (MiB)",
+    "peak PSS, 256 MiB runs (MiB)",
+    "peak RSS, 1 GiB x 16 clients (MiB)",
+    "peak PSS, 1 GiB x 16 clients (MiB)",
+    "CPU seconds per GB served",
+]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=256)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--join-every", type=float, default=0.5)
     parser.add_argument("--rate", default="40m", help="nginx limit_rate per connection")
+    parser.add_argument("--workers", type=int, default=2, help="our worker processes")
+    parser.add_argument("--warm-rounds", type=int, default=5, help="warm rounds per mirror")
     parser.add_argument("--skip-big", action="store_true", help="skip the 1 GiB x 16 run")
     parser.add_argument("--chart", type=Path, default=DOCS / "benchmark.png")
     args = parser.parse_args()
     _lab.require("docker-registry", "nginx", "skopeo", "curl")
     with lab(args) as (workdir, up, blobs):
-        mirrors = {
-            "streamsync": lambda: _lab.proxy(workdir, up.wan_url),
-            "distribution": lambda: _lab.distribution_proxy(workdir, up.wan_url),
-        }
-        results = [
-            measure(name, mirror, up, blobs, args, workdir) for name, mirror in mirrors.items()
-        ]
-    ours, theirs = results
+        mirrors: dict[str, Callable[[], contextlib.AbstractContextManager[_lab.Proxy]]] = {}
+        plural = "s" if args.workers > 1 else ""
+        mirrors[f"ours, {args.workers} worker{plural}"] = lambda: _lab.proxy(
+            workdir, up.wan_url, workers=args.workers
+        )
+        if args.workers != 1:
+            mirrors["ours, 1 worker"] = lambda: _lab.proxy(workdir, up.wan_url, workers=1)
+        mirrors["Distribution"] = lambda: _lab.distribution_proxy(workdir, up.wan_url)
+        results = measure_all(mirrors, up, blobs, args, workdir)
+    *ours, theirs = results
     print(
         f"\n{args.size_mib} MiB blob, {args.clients} clients {args.join_every}s apart, "
-        f"upstream limited to {args.rate}B/s per connection; {time.strftime('%Y-%m-%d')}\n"
+        f"upstream limited to {args.rate}B/s per connection, "
+        f"{args.warm_rounds} warm rounds; {time.strftime('%Y-%m-%d')}\n"
     )
-    print("| measure | streamsync-trio | Distribution proxy | ours / theirs |")
-    print("| --- | --- | --- | --- |")
-    for key in ours.rows:
-        a, b = ours.rows[key], theirs.rows.get(key, float("nan"))
-        print(f"| {key} | {a:.3f} | {b:.3f} | {a / b if b else float('nan'):.2f} |")
+    names = [m.name for m in results]
+    ratios = [f"{m.name} / Distribution" for m in ours]
+    print("| measure | " + " | ".join(names + ratios) + " |")
+    print("|" + " --- |" * (1 + len(names) + len(ratios)))
+    for key in ROWS:
+        if key not in theirs.rows:
+            continue
+        values = [f"{m.rows[key]:.3f}" for m in results]
+        b = theirs.rows[key]
+        shares = [f"{m.rows[key] / b:.2f}" if b else "-" for m in ours]
+        print(f"| {key} | " + " | ".join(values + shares) + " |")
+    print(
+        "\nwarm rounds (MB/s): "
+        + "; ".join(f"{m.name}: " + ", ".join(f"{r:.0f}" for r in m.warm_rounds) for m in results)
+    )
     chart(results, args.chart)
     print(f"\nchart: {args.chart}")
 

@@ -25,6 +25,8 @@ from ._store import Store
 log = logging.getLogger("streamsync_trio.eviction")
 
 LOW_WATER = 0.9  # evict down to 90 % of the cap
+# How often the running totals are corrected from a listing of the blobs.
+RESYNC_INTERVAL = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,9 +91,15 @@ class CacheKeeper:
 
     async def run(self) -> None:
         while True:
-            await self._pending.wait()
+            # Woken by a commit in this process, or by the clock: other worker processes
+            # (and ``cache gc``) change the cache behind this process's running totals.
+            with trio.move_on_after(RESYNC_INTERVAL) as timer:
+                await self._pending.wait()
             self._pending = trio.Event()
             try:
+                if timer.cancelled_caught:
+                    listing = await trio.to_thread.run_sync(self._store.blobs_by_age)
+                    self._store.set_usage(len(listing), sum(size for _, size, _ in listing))
                 await enforce_cap(self._store, self._max_bytes, self._is_busy)
             except OSError as exc:
                 log.error("eviction failed in %s: %s", self._store.root, exc)

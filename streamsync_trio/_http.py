@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -35,8 +36,9 @@ from ._eviction import CacheKeeper
 from ._logging import mark_source, with_access_log
 from ._manifests import CachedManifest, ManifestService
 from ._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from ._metrics import Traffic
+from ._metrics import Traffic, render_own
 from ._metrics import render as render_metrics
+from ._peers import publish_periodically, read_others, withdraw
 from ._ranges import parse_range
 from ._reference import Endpoint, parse_digest, parse_v2_path
 from ._routing import Route, route
@@ -64,6 +66,11 @@ class ProxyState:
     started_at: float
     traffic: Traffic = field(default_factory=Traffic)
     passthrough_cache: dict[tuple[str, str, str], tuple[float, Any]] = field(default_factory=dict)
+
+    @property
+    def peers_dir(self) -> Path:
+        """Where the worker processes on this cache publish their metrics (``_peers``)."""
+        return self.store.root / "workers"
 
 
 class _BlobBody:
@@ -160,6 +167,11 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
             started_at=time.time(),
         )
         app.extensions["streamsync"] = holder["state"]
+        peers_dir = holder["state"].peers_dir
+        peers_dir.mkdir(exist_ok=True)
+        app.nursery.start_soon(
+            publish_periodically, peers_dir, partial(render_own, holder["state"])
+        )
         log.info(
             "serving from cache %s (%d blobs, %d bytes); upstreams: %s",
             store.root,
@@ -172,6 +184,7 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
 
     @app.after_serving
     async def stop() -> None:
+        withdraw(state().peers_dir)
         for upstream in state().upstreams.values():
             await upstream.aclose()
 
@@ -205,7 +218,10 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
 
     @app.route("/metrics")
     async def metrics() -> Response:
-        return Response(render_metrics(state()), headers={"Content-Type": METRICS_CONTENT_TYPE})
+        others = await trio.to_thread.run_sync(read_others, state().peers_dir)
+        return Response(
+            render_metrics(state(), others), headers={"Content-Type": METRICS_CONTENT_TYPE}
+        )
 
     @app.route("/_status")
     async def status_page() -> Response:

@@ -8,7 +8,8 @@ status page shows.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,7 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from ._upstream import LATENCY_BUCKETS
@@ -156,7 +158,43 @@ class ProxyCollector(Collector):
         )
 
 
-def render(state: ProxyState) -> bytes:
+def render(state: ProxyState, others: list[tuple[int, str]] | None = None) -> bytes:
+    """This worker's metrics, plus those ``others`` published (pid, exposition text).
+
+    With one worker process the output is exactly its own metrics.  With several, a scrape
+    reaches whichever worker accepts it, so that worker answers for all of them: every
+    sample gets a ``worker`` label (its pid), and ``sum without (worker)`` gives the totals.
+    Another worker's numbers are at most ``PUBLISH_INTERVAL`` seconds old.
+    """
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ProxyCollector(state))
-    return generate_latest(registry)
+    if not others:
+        return generate_latest(registry)
+    merged: dict[str, Metric] = {}
+    sources: list[tuple[int, Iterable[Metric]]] = [(os.getpid(), registry.collect())]
+    sources += [(pid, text_string_to_metric_families(text)) for pid, text in others]
+    for pid, families in sources:
+        for family in families:
+            into = merged.get(family.name)
+            if into is None:
+                into = merged[family.name] = Metric(family.name, family.documentation, family.type)
+            into.samples += [
+                sample._replace(labels={**sample.labels, "worker": str(pid)})
+                for sample in family.samples
+            ]
+    combined = CollectorRegistry(auto_describe=False)
+    combined.register(_Fixed(list(merged.values())))
+    return generate_latest(combined)
+
+
+def render_own(state: ProxyState) -> str:
+    """This worker's metrics alone, as published for the other workers to merge."""
+    return render(state).decode()
+
+
+class _Fixed(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families)

@@ -12,7 +12,7 @@ import trio
 
 from streamsync_trio import parse_config
 from streamsync_trio._cli import main
-from streamsync_trio._eviction import plan_eviction
+from streamsync_trio._eviction import RESYNC_INTERVAL, CacheKeeper, plan_eviction
 from streamsync_trio._reference import Digest, parse_digest
 from streamsync_trio._store import Store
 
@@ -149,3 +149,24 @@ def test_max_size_config_is_parsed() -> None:
     config = parse_config({"storage": {"max_size": "1.5GiB"}})
     assert config.max_size == int(1.5 * 1024**3)
     assert replace(config, max_size=None).max_size is None
+
+
+async def test_the_cap_holds_for_blobs_other_worker_processes_added(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Each worker keeps running totals of what it committed or followed; blobs another
+    worker fetched alone reach its totals through the periodic listing."""
+    mine, theirs = Store(tmp_path / "cache"), Store(tmp_path / "cache")
+    keeper = CacheKeeper(mine, 2 * MiB, lambda _: False)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(keeper.run)
+        for n in range(4):
+            partial = theirs.new_partial(d(n))
+            partial.write_bytes(os.urandom(MiB))
+            theirs.commit_blob(partial, d(n))
+        assert mine.usage().bytes == 0  # nothing told this worker
+        await trio.sleep(RESYNC_INTERVAL + 1)
+        on_disk = sum(size for _, size, _ in mine.blobs_by_age())
+        assert on_disk <= 2 * MiB
+        assert mine.usage().bytes == on_disk
+        nursery.cancel_scope.cancel()

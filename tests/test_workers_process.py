@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from .fake_server import serving
 from .fakes import FakeRegistry
@@ -39,6 +40,19 @@ async def get_all(url: str, clients: int) -> list[bytes]:
     return bodies
 
 
+async def blob_requests_by_worker(url: str) -> dict[str, float]:
+    """Blob GETs counted by each worker, from one scrape of /metrics."""
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(f"{url}/metrics")).text
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "streamsync_blob_requests":
+            for sample in family.samples:
+                worker = sample.labels.get("worker", "")
+                counts[worker] = counts.get(worker, 0.0) + sample.value
+    return counts
+
+
 def started(
     tmp_path: Path, upstream_url: str, launcher: str
 ) -> tuple[subprocess.Popen[bytes], str]:
@@ -61,10 +75,12 @@ async def test_two_worker_processes_fetch_each_blob_from_the_upstream_once(
             await wait_ready(url, process)
             # Connections go to whichever worker accepts first, so a round may land on one
             # worker only; new blobs until the log shows one worker following the other.
+            requests_made = 0
             for _ in range(8):
                 data = os.urandom(4 * MiB)
                 digest = fake.add_blob(data)
                 bodies = await get_all(f"{url}/v2/library/app/blobs/{digest}", 8)
+                requests_made += 8
                 assert bodies == [data] * 8
                 assert len(fake.blob_gets(digest)) == 1
                 if FOLLOWING in (tmp_path / "log").read_text():
@@ -72,6 +88,12 @@ async def test_two_worker_processes_fetch_each_blob_from_the_upstream_once(
             assert FOLLOWING in (tmp_path / "log").read_text()
             assert list((tmp_path / "cache" / "partial").iterdir()) == []
             assert list((tmp_path / "cache" / "leases").iterdir()) == []
+            # Whichever worker a scrape reaches answers for both.
+            with trio.fail_after(15):
+                while (counts := await blob_requests_by_worker(url)) and (
+                    len(counts) != 2 or sum(counts.values()) != requests_made
+                ):
+                    await trio.sleep(0.5)
         finally:
             stop(process)
 
