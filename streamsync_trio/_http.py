@@ -54,6 +54,30 @@ _PASSTHROUGH_TTL = 10.0  # tags/list and referrers: "cached briefly"
 _PASSTHROUGH_CACHE_MAX = 1024
 
 
+class ChunkBudget:
+    """Memory for response chunks in flight, shared by this process's open blob bodies.
+
+    A body holds about one chunk at a time (read, then sent).  Big chunks cost less per byte
+    (hypercorn, h11 and trio do a fixed amount of work per chunk): serving a cached blob to 8
+    clients, 2 MiB chunks measured 11 % faster than 1 MiB with 10 % less CPU per GB, and
+    512 KiB 10 % slower.  Peak RSS grew from 71 to 88 MiB, and with a fixed chunk size it
+    would keep growing with the number of clients.  So the chunk is this budget divided among
+    the open bodies, within bounds: 2 MiB for up to 8 clients, down to 256 KiB for 64 and
+    more, so the chunks in flight stay within 16 MiB up to 64 concurrent blob responses.
+    """
+
+    TOTAL = 16 * 1024 * 1024
+    SMALLEST = 256 * 1024
+    LARGEST = 2 * 1024 * 1024
+
+    def __init__(self) -> None:
+        self.open_bodies = 0
+
+    def chunk(self) -> int:
+        share = self.TOTAL // max(1, self.open_bodies)
+        return max(self.SMALLEST, min(self.LARGEST, share))
+
+
 @dataclass
 class ProxyState:
     """What the app holds for its lifetime; built in ``before_serving`` inside the app nursery."""
@@ -65,6 +89,7 @@ class ProxyState:
     upstreams: dict[str, Upstream]
     started_at: float
     traffic: Traffic = field(default_factory=Traffic)
+    chunk_budget: ChunkBudget = field(default_factory=ChunkBudget)
     passthrough_cache: dict[tuple[str, str, str], tuple[float, Any]] = field(default_factory=dict)
 
     @property
@@ -77,35 +102,46 @@ class _BlobBody:
     """The response body of a blob: reads through a subscriber, closes it when done.
 
     A class rather than an async generator so that Quart's ``aclose`` (or, if the response is
-    dropped unsent, the subscriber's finaliser) always releases the subscriber, even when
-    iteration never started.
+    dropped unsent, the finaliser) always releases the subscriber and its share of the chunk
+    budget, even when iteration never started.
     """
 
     def __init__(
-        self, subscriber: Subscriber, chunk_size: int, traffic: Traffic, source: str
+        self, subscriber: Subscriber, budget: ChunkBudget, traffic: Traffic, source: str
     ) -> None:
         self._subscriber = subscriber
-        self._chunk_size = chunk_size
+        self._budget = budget
         self._traffic = traffic
         self._source = source
+        budget.open_bodies += 1
+        self._open = True
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self
 
     async def __anext__(self) -> bytes:
         try:
-            data = await self._subscriber.read(self._chunk_size)
+            data = await self._subscriber.read(self._budget.chunk())
         except BaseException:
-            self._subscriber.close()
+            self._close()
             raise
         if not data:
-            self._subscriber.close()
+            self._close()
             raise StopAsyncIteration
         self._traffic.served(self._source, len(data))
         return data
 
     async def aclose(self) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self._open:
+            self._open = False
+            self._budget.open_bodies -= 1
         self._subscriber.close()
+
+    def __del__(self) -> None:
+        self._close()
 
 
 def _error_response(error: RegistryError) -> Response:
@@ -373,7 +409,7 @@ async def _blob(
         response = Response(b"", status=status, headers=headers)
     else:
         response = Response(
-            _BlobBody(subscriber, state.config.chunk_size, state.traffic, source),
+            _BlobBody(subscriber, state.chunk_budget, state.traffic, source),
             status=status,
             headers=headers,
         )

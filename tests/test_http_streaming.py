@@ -14,6 +14,7 @@ import httpx
 import pytest
 import trio
 
+from streamsync_trio._http import ChunkBudget
 from streamsync_trio._reference import parse_digest
 
 from .fakes import FakeRegistry, Fault
@@ -171,7 +172,7 @@ async def test_unreadable_cached_blob_is_a_clean_500_and_logged_with_its_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     fake = real_time_fake()
-    data = os.urandom(2 * MiB)
+    data = os.urandom(6 * MiB)  # three response chunks
     digest = fake.add_blob(data)
     async with running_proxy(tmp_path, fake) as proxy, httpx.AsyncClient() as client:
         await fetch(client, proxy.blob_url(digest))
@@ -191,16 +192,16 @@ async def test_unreadable_cached_blob_is_a_clean_500_and_logged_with_its_path(
         real_pread, real_preadv = os.pread, os.preadv
 
         def failing_pread(fd: int, count: int, offset: int) -> bytes:
-            if offset >= MiB:
+            if offset >= 2 * MiB:
                 raise OSError(5, "Input/output error")
             return real_pread(fd, count, offset)
 
         def failing_preadv(fd: int, buffers: list[bytearray], offset: int, flags: int = 0) -> int:
-            if offset >= MiB:
+            if offset >= 2 * MiB:
                 raise OSError(5, "Input/output error")
             return real_preadv(fd, buffers, offset, flags)
 
-        with monkeypatch.context() as patch:  # the disk fails past the first MiB
+        with monkeypatch.context() as patch:  # the disk fails past the first chunk
             patch.setattr(os, "pread", failing_pread)
             patch.setattr(os, "preadv", failing_preadv)
             status, length, received = await fetch_until_abort(client, proxy.blob_url(digest))
@@ -210,3 +211,32 @@ async def test_unreadable_cached_blob_is_a_clean_500_and_logged_with_its_path(
         # Still healthy: the next request is served whole.
         _, body = await fetch(client, proxy.blob_url(digest))
         assert body == data
+
+
+def test_response_chunks_share_one_budget_so_memory_stays_flat() -> None:
+    budget = ChunkBudget()
+    sizes = {}
+    for clients in (1, 8, 16, 64, 1000):
+        budget.open_bodies = clients
+        sizes[clients] = budget.chunk()
+    assert sizes == {
+        1: 2 * MiB,
+        8: 2 * MiB,
+        16: 1 * MiB,
+        64: 256 * 1024,
+        1000: 256 * 1024,
+    }
+
+
+async def test_every_blob_body_gives_its_share_back(tmp_path: Path) -> None:
+    """Finished, cut off, or never started: the open-body count returns to zero."""
+    fake = real_time_fake()
+    digest = fake.add_blob(os.urandom(4 * MiB))
+    async with running_proxy(tmp_path, fake) as proxy, httpx.AsyncClient() as client:
+        await fetch(client, proxy.blob_url(digest))  # finished
+        async with client.stream("GET", proxy.blob_url(digest)) as response:
+            await anext(response.aiter_raw())  # then hung up mid-body
+        await client.head(proxy.blob_url(digest))  # a body never started
+        with trio.fail_after(5):
+            while proxy.state.chunk_budget.open_bodies:
+                await trio.sleep(0.01)
