@@ -572,18 +572,8 @@ class DownloadRegistry:
                 download._set_size(size)
             download.available = size
             download.path = stored
-            download.verified = True
             self._store.note_committed(download.digest, size)
-            self._drop(download)
-            download._finished.set()
-            download._wake_all()
-            if self._on_commit is not None:
-                self._on_commit(download)
-            log.info(
-                "download %s committed by its owner process",
-                download.digest,
-                extra=_event("download_finish", download),
-            )
+            self._finish(download, "committed by its owner process")
         except RegistryError as error:
             log.warning(
                 "download %s failed: %s",
@@ -628,17 +618,7 @@ class DownloadRegistry:
             download.path = self._store.commit_blob(download.path, download.digest)
             committed = True
             self._stats(download).committed += 1
-            download.verified = True
-            self._drop(download)
-            download._finished.set()
-            download._wake_all()
-            if self._on_commit is not None:
-                self._on_commit(download)
-            log.info(
-                "download %s committed",
-                download.digest,
-                extra=_event("download_finish", download),
-            )
+            self._finish(download, "committed")
         except RegistryError as error:
             log.warning(
                 "download %s failed: %s",
@@ -669,6 +649,19 @@ class DownloadRegistry:
             finally:
                 # Last: the moment the lock drops, followers elsewhere look for the result.
                 lease.release()
+
+    def _finish(self, download: Download, how: str) -> None:
+        """The blob is verified and stored: release the last bytes everyone held back.
+
+        Verified, out of the registry, and waiters woken in one step, so a request sees
+        either this download or the stored blob."""
+        download.verified = True
+        self._drop(download)
+        download._finished.set()
+        download._wake_all()
+        if self._on_commit is not None:
+            self._on_commit(download)
+        log.info("download %s %s", download.digest, how, extra=_event("download_finish", download))
 
     def _drop(self, download: Download) -> None:
         if self._downloads.get(download.digest) is download:
