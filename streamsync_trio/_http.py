@@ -384,6 +384,14 @@ async def _blob(
             source = "cache"  # another worker committed it just now
             mark_source(request.scope, source)
         joining = joining or subscriber.download.followed
+        if not known and (subscriber.download.followed or subscriber.download.verified):
+            # Another worker fetched it, maybe for another repository: knowing a digest is
+            # not access, so the upstream confirms it for this one, as above.
+            try:
+                await upstream.head_blob(target.repo, str(digest))
+            except BaseException:
+                subscriber.close()
+                raise
     try:
         size = await subscriber.wait_size()
         # Several Range fields are one multi-range request, which parse_range refuses.

@@ -135,3 +135,30 @@ async def test_cached_manifest_digest_is_not_served_under_another_repository(
         stolen = await client.get(f"{proxy.url}/v2/public/app/manifests/{digest}")
         assert stolen.status_code == 404
         assert stolen.json()["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+
+
+async def test_a_blob_another_worker_fetches_is_not_served_under_another_repository(
+    tmp_path: Path,
+) -> None:
+    """Two apps on one cache are two worker processes: following the other worker's
+    download, or finding the blob it just stored, is no proof of access either."""
+    fake = FakeRegistry(chunk_delay=0.01)  # 4 MiB over 0.64 s: surely in flight
+    data = os.urandom(4 * MiB)
+    digest = fake.add_blob(data)
+    fake.private[digest] = {"secret/app"}
+    async with (
+        running_proxy(tmp_path, fake) as owner,
+        running_proxy(tmp_path, fake) as other,
+        httpx.AsyncClient() as client,
+        client.stream("GET", owner.blob_url(digest, "secret/app")) as response,
+    ):
+        assert response.status_code == 200
+        stolen = await client.get(other.blob_url(digest, "public/app"))
+        assert stolen.status_code == 404
+        # The owner's own repository may follow from the other worker.
+        followed = await client.get(other.blob_url(digest, "secret/app"), timeout=30)
+        assert followed.status_code == 200 and followed.content == data
+        await response.aread()
+    async with running_proxy(tmp_path, fake) as third, httpx.AsyncClient() as client:
+        assert (await client.get(third.blob_url(digest, "public/app"))).status_code == 404
+    assert len(fake.blob_gets(digest)) == 1
