@@ -54,12 +54,12 @@ class Owned:
     def release(self) -> None:
         """Let go, after the partial was committed or removed.  The lease path goes first:
         once the lock drops, a newcomer must not find this generation's lease."""
-        _size_path(self.lease, self.partial).unlink(missing_ok=True)
         try:
+            _size_path(self.lease, self.partial).unlink(missing_ok=True)
             if is_same_file(self.fd, self.lease):
                 self.lease.unlink()
         finally:
-            os.close(self.fd)
+            os.close(self.fd)  # whatever failed above, the lock must drop
 
 
 @dataclass
@@ -109,7 +109,11 @@ def claim(leases: Path, partials: Path, digest: Digest) -> Owned | Followed:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            partial_name = os.pread(fd, 256, 0).decode(errors="replace").strip()
+            try:
+                partial_name = os.pread(fd, 256, 0).decode(errors="replace").strip()
+            except BaseException:
+                os.close(fd)
+                raise
             return Followed(fd, lease, partials / partial_name)
         except BaseException:
             os.close(fd)
@@ -168,23 +172,39 @@ def remove_abandoned(leases: Path, partials: Path) -> int:
 
 
 def _publish(lease: Path, partials: Path, name: str) -> Owned | None:
+    """Publish a new generation; None when somebody else's publication or a cleanup got in
+    the way (the caller looks again).
+
+    The partial exists before the lease does: a follower that finds the lease can always
+    open the partial it names (until the owner ends), and a crash in between leaves only
+    files that no lease names, which cleanup removes.
+    """
     nonce = secrets.token_hex(6)
     partial = partials / f"{name}.{nonce}"
     staging = lease.with_name(f"{name}.{nonce}.claim")
     fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    published = False
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody else knows this file yet
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None  # a startup cleanup is looking at this half-made claim
         os.write(fd, partial.name.encode())
+        os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
         try:
             os.link(staging, lease)
-        except FileExistsError:
-            os.close(fd)
+        except (FileExistsError, FileNotFoundError):
+            # Somebody published first, or a cleanup removed our staging file.
+            partial.unlink(missing_ok=True)
             return None
+        published = True
         return Owned(fd, lease, partial)
     except BaseException:
-        os.close(fd)
+        partial.unlink(missing_ok=True)
         raise
     finally:
+        if not published:
+            os.close(fd)
         staging.unlink(missing_ok=True)
 
 

@@ -117,6 +117,12 @@ class _Supervisor:
     def _work(self) -> int:
         """The forked worker: hypercorn's trio worker on the inherited sockets."""
         try:
+            # Ignored outside the trigger's own receiver, which puts back what it found: a
+            # Ctrl-C reaches the whole process group and the supervisor forwards a SIGTERM
+            # too, and neither second signal may cut the graceful drain short (the
+            # supervisor's deadline still ends a worker that does not stop).
+            for signum in _STOP_SIGNALS:
+                signal.signal(signum, signal.SIG_IGN)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {*_STOP_SIGNALS, signal.SIGCHLD})
             trio.run(
                 partial(

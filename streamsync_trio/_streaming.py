@@ -478,55 +478,88 @@ class DownloadRegistry:
                 raise RegistryError(
                     503, "UNAVAILABLE", str(exc), headers={"Retry-After": "1"}
                 ) from None
+            subscriber: Subscriber | None
             if isinstance(lease, Owned):
-                # The caller found nothing stored, but another process may have committed
-                # since; its lease is gone then, and we must not fetch the blob again.
-                stored = self._open_stored(digest)
-                if stored is not None:
-                    lease.release()
-                    return stored
-                try:
-                    fd = os.open(
-                        lease.partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644
-                    )
-                except BaseException:
-                    lease.release()
-                    raise
-                download = Download(digest, lease.partial, origin, group)
-                download._on_size = partial(_publish_size, lease, digest)
-                self._downloads[digest] = download
-                self._stats(download).started += 1
-                log.info("download %s started", digest, extra=_event("download_start", download))
-                self._nursery.start_soon(
-                    self._produce, download, fd, lease, source, stall_timeout, retry
-                )
-                return Subscriber(download)
-            try:
-                hold = os.open(lease.partial, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                # The owner ended between the two steps: committed, or failed.
-                lease.close()
-                stored = self._open_stored(digest)
-                if stored is not None:
-                    return stored
-                continue
-            except BaseException:
-                lease.close()
-                raise
-            download = Download(digest, lease.partial, origin, group)
-            download.followed = True
-            download._hold_fd = hold
-            self._downloads[digest] = download
-            log.info(
-                "download %s is owned by another process; following it",
-                digest,
-                extra=_event("download_follow", download),
-            )
-            self._nursery.start_soon(self._follow, download, lease, hold)
-            return Subscriber(download)
+                subscriber = self._own(digest, lease, source, stall_timeout, retry, origin, group)
+            else:
+                subscriber = self._follow_owner(digest, lease, origin, group)
+            if subscriber is not None:
+                return subscriber
         raise RegistryError(
             503, "UNAVAILABLE", "the download kept changing hands", headers={"Retry-After": "1"}
         )
+
+    def _own(
+        self,
+        digest: Digest,
+        lease: Owned,
+        source: BlobSource,
+        stall_timeout: float,
+        retry: RetryPolicy,
+        origin: Hashable,
+        group: str,
+    ) -> Subscriber:
+        """Start the download we just claimed; on any error, let go of the claim at once
+        (a leaked lease would block this digest in every worker)."""
+        try:
+            # The caller found nothing stored, but another process may have committed
+            # since; its lease is gone then, and we must not fetch the blob again.
+            stored = self._open_stored(digest)
+            if stored is not None:
+                lease.partial.unlink(missing_ok=True)
+                lease.release()
+                return stored
+            fd = os.open(lease.partial, os.O_WRONLY | os.O_CLOEXEC)
+        except BaseException:
+            lease.partial.unlink(missing_ok=True)
+            lease.release()
+            raise
+        try:
+            download = Download(digest, lease.partial, origin, group)
+            download._on_size = partial(_publish_size, lease, digest)
+            self._nursery.start_soon(
+                self._produce, download, fd, lease, source, stall_timeout, retry
+            )
+        except BaseException:
+            os.close(fd)
+            lease.partial.unlink(missing_ok=True)
+            lease.release()
+            raise
+        # Registered only once its producer exists: an entry without one would hang joiners.
+        self._downloads[digest] = download
+        self._stats(download).started += 1
+        log.info("download %s started", digest, extra=_event("download_start", download))
+        return Subscriber(download)
+
+    def _follow_owner(
+        self, digest: Digest, lease: Followed, origin: Hashable, group: str
+    ) -> Subscriber | None:
+        """Follow another process's download; None if it ended before we could open it."""
+        try:
+            hold = os.open(lease.partial, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            # The owner ended between the two steps: committed, or failed.
+            lease.close()
+            return self._open_stored(digest)
+        except BaseException:
+            lease.close()
+            raise
+        try:
+            download = Download(digest, lease.partial, origin, group)
+            download.followed = True
+            download._hold_fd = hold
+            self._nursery.start_soon(self._follow, download, lease, hold)
+        except BaseException:
+            os.close(hold)
+            lease.close()
+            raise
+        self._downloads[digest] = download
+        log.info(
+            "download %s is owned by another process; following it",
+            digest,
+            extra=_event("download_follow", download),
+        )
+        return Subscriber(download)
 
     def _open_stored(self, digest: Digest) -> Subscriber | None:
         fd = self._store.open_blob(digest)
@@ -643,12 +676,17 @@ class DownloadRegistry:
         finally:
             os.close(fd)
             self._drop(download)
+            # Cleanup must not raise into the app nursery (that would end every download).
             try:
                 if not committed:
                     download.path.unlink(missing_ok=True)
-            finally:
+            except OSError as exc:
+                log.error("download %s: cannot remove %s: %s", download.digest, download.path, exc)
+            try:
                 # Last: the moment the lock drops, followers elsewhere look for the result.
                 lease.release()
+            except OSError as exc:
+                log.error("download %s: cannot release its lease: %s", download.digest, exc)
 
     def _finish(self, download: Download, how: str) -> None:
         """The blob is verified and stored: release the last bytes everyone held back.
