@@ -42,6 +42,7 @@ def start(
     *,
     launcher: str = "hypercorn",
     output: Path | None = None,
+    new_session: bool = False,
 ) -> subprocess.Popen[bytes]:
     """Start the proxy as the README does: ``hypercorn ... streamsync_trio.app:app``, or
     (``launcher="serve"``) ``streamsync-trio serve``, both with the repo's hypercorn.toml.
@@ -64,7 +65,14 @@ def start(
             command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
     with output.open("wb") as sink:
-        return subprocess.Popen(command, cwd=cwd, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            command,
+            cwd=cwd,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=new_session,
+        )
 
 
 def stop(process: subprocess.Popen[bytes]) -> str:

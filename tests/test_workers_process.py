@@ -90,9 +90,10 @@ async def test_two_worker_processes_fetch_each_blob_from_the_upstream_once(
             assert list((tmp_path / "cache" / "leases").iterdir()) == []
             # Whichever worker a scrape reaches answers for both.
             with trio.fail_after(15):
-                while (counts := await blob_requests_by_worker(url)) and (
-                    len(counts) != 2 or sum(counts.values()) != requests_made
-                ):
+                while True:
+                    counts = await blob_requests_by_worker(url)
+                    if len(counts) == 2 and sum(counts.values()) == requests_made:
+                        break
                     await trio.sleep(0.5)
         finally:
             stop(process)
@@ -139,3 +140,46 @@ async def test_serve_stops_when_its_workers_cannot_start(tmp_path: Path) -> None
         code = await trio.to_thread.run_sync(process.wait)
     assert code != 0
     assert "failed at start" in (tmp_path / "log").read_text()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+async def test_serve_drains_when_the_whole_process_group_is_signalled(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    """Ctrl-C in a terminal, or systemd's control-group stop: every worker gets the signal
+    and then the supervisor's forwarded SIGTERM too; the second must not kill the drain."""
+    fake = FakeRegistry(chunk_delay=0.01)  # 8 MiB over 1.3 s: in flight when signalled
+    data = os.urandom(8 * MiB)
+    digest = fake.add_blob(data)
+    async with serving(fake) as upstream_url:
+        config = write_config(tmp_path / "cfg.toml", tmp_path / "cache", upstream_url)
+        port = free_port()
+        process = start(
+            tmp_path,
+            port,
+            config,
+            ("--workers", "2", "--graceful-timeout", "10"),
+            launcher="serve",
+            output=tmp_path / "log",
+            new_session=True,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            await wait_ready(url, process)
+            async with (
+                httpx.AsyncClient() as client,
+                client.stream("GET", f"{url}/v2/library/app/blobs/{digest}") as response,
+            ):
+                assert response.status_code == 200
+                chunks = response.aiter_raw()
+                received = len(await anext(chunks))
+                os.killpg(process.pid, signum)
+                async for chunk in chunks:
+                    received += len(chunk)
+            assert received == len(data)  # the response in flight was allowed to finish
+            with trio.fail_after(20):
+                code = await trio.to_thread.run_sync(process.wait)
+            assert code == 0
+        finally:
+            if process.poll() is None:
+                stop(process)
