@@ -213,3 +213,29 @@ def test_a_lease_is_never_owned_twice(tmp_path: Path, order: str) -> None:
     third = claim(store.lease_dir, store.partial_dir, digest)
     assert isinstance(third, Owned) and third.partial != first.partial
     third.release()
+
+
+async def test_a_follower_holds_back_the_last_byte_until_the_owner_commits(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Every byte is written, but the owner has not verified and committed: a follower
+    delivers all but the last, and when the owner dies instead, the body stays short."""
+    data = blob(1 * MiB)
+    async with open_lab(tmp_path) as one:
+        digest = one.fake.add_blob(data)
+        owner = claim(one.store.lease_dir, one.store.partial_dir, parse_digest(digest))
+        assert isinstance(owner, Owned)
+        owner.partial.write_bytes(data)  # complete, and even correct: still unverified
+        owner.publish_size(len(data))
+        follower = one.subscribe(digest)
+        assert await follower.wait_size() == len(data)
+        received = bytearray()
+        with trio.move_on_after(2):
+            while chunk := await follower.read(100_000):
+                received += chunk
+        assert bytes(received) == data[:-1]  # blocked on the last byte for 2 s
+        os.close(owner.fd)  # the owner dies without committing
+        outcome = await drain(follower)
+        assert outcome.error is not None and outcome.error.status == 502
+        assert outcome.data == b""  # nothing more, ever
+        assert len(one.fake.blob_gets(digest)) == 0
