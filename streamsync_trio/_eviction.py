@@ -54,10 +54,18 @@ def plan_eviction(
     return chosen
 
 
-async def enforce_cap(store: Store, max_bytes: int, is_busy: Callable[[Digest], bool]) -> Eviction:
+async def enforce_cap(
+    store: Store,
+    max_bytes: int,
+    is_busy: Callable[[Digest], bool],
+    listing: list[tuple[float, int, Digest]] | None = None,
+) -> Eviction:
+    """Evict down to the low-water mark if over the cap.  ``listing`` is a fresh
+    :meth:`Store.blobs_by_age` the caller already made (it is not made again)."""
     if store.usage().bytes <= max_bytes:
         return Eviction(0, 0, store.usage().bytes)
-    listing = await trio.to_thread.run_sync(store.blobs_by_age)
+    if listing is None:
+        listing = await trio.to_thread.run_sync(store.blobs_by_age)
     store.set_usage(len(listing), sum(size for _, size, _ in listing))
     plan = plan_eviction(listing, store.usage().bytes, int(max_bytes * LOW_WATER), is_busy)
     removed = freed = 0
@@ -97,10 +105,11 @@ class CacheKeeper:
                 await self._pending.wait()
             self._pending = trio.Event()
             try:
+                listing = None
                 if timer.cancelled_caught:
                     listing = await trio.to_thread.run_sync(self._store.blobs_by_age)
                     self._store.set_usage(len(listing), sum(size for _, size, _ in listing))
-                await enforce_cap(self._store, self._max_bytes, self._is_busy)
+                await enforce_cap(self._store, self._max_bytes, self._is_busy, listing)
             except OSError as exc:
                 log.error("eviction failed in %s: %s", self._store.root, exc)
             except Exception:

@@ -44,7 +44,7 @@ from ._reference import Endpoint, parse_digest, parse_v2_path
 from ._routing import Route, route
 from ._status import render_status_page, status_snapshot
 from ._store import Store
-from ._streaming import DownloadRegistry, RetryPolicy, Subscriber, read_stored
+from ._streaming import DownloadRegistry, RetryPolicy, Subscriber
 from ._upstream import Upstream
 
 log = logging.getLogger("streamsync_trio.http")
@@ -345,16 +345,14 @@ async def _blob(
     # From here to the subscription there is no checkpoint: a download committing
     # concurrently is seen either in the store or in the registry, never in neither.
     try:
-        fd = store.open_blob(digest)
+        stored = state.downloads.open_stored(digest)
     except OSError as exc:
         log.error("cannot open cached blob %s: %s", store.blob_path(digest), exc)
         raise RegistryError(500, "UNKNOWN", "cache read failed") from None
     source, joining = "stream", False
     mark_source(request.scope, source)
-    if fd is not None:
-        subscriber = read_stored(
-            digest, fd, store.blob_path(digest), on_close=partial(store.release, digest)
-        )
+    if stored is not None:
+        subscriber = stored
         source = "cache"
         mark_source(request.scope, source)
     elif request.method == "HEAD":

@@ -51,6 +51,13 @@ class Owned:
         staging.write_text(str(size))
         os.rename(staging, path)
 
+    def abandon(self) -> None:
+        """Give up before any download started: the (empty) partial goes, then the lease."""
+        try:
+            self.partial.unlink(missing_ok=True)
+        finally:
+            self.release()
+
     def release(self) -> None:
         """Let go, after the partial was committed or removed.  The lease path goes first:
         once the lock drops, a newcomer must not find this generation's lease."""

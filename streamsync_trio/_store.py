@@ -185,9 +185,8 @@ class Store:
         """A fresh, unique partial path: two generations of one digest never share a file."""
         return self.partial_dir / f"{digest.algorithm}-{digest.hex}.{secrets.token_hex(6)}"
 
-    def note_committed(self, digest: Digest, size: int) -> None:
+    def note_committed(self, size: int) -> None:
         """Count a blob another process committed (we followed its download)."""
-        del digest  # the running totals do not track which; a later listing corrects them
         self._blob_count += 1
         self._blob_bytes += size
 

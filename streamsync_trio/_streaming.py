@@ -504,15 +504,13 @@ class DownloadRegistry:
         try:
             # The caller found nothing stored, but another process may have committed
             # since; its lease is gone then, and we must not fetch the blob again.
-            stored = self._open_stored(digest)
+            stored = self.open_stored(digest)
             if stored is not None:
-                lease.partial.unlink(missing_ok=True)
-                lease.release()
+                lease.abandon()
                 return stored
             fd = os.open(lease.partial, os.O_WRONLY | os.O_CLOEXEC)
         except BaseException:
-            lease.partial.unlink(missing_ok=True)
-            lease.release()
+            lease.abandon()
             raise
         try:
             download = Download(digest, lease.partial, origin, group)
@@ -522,8 +520,7 @@ class DownloadRegistry:
             )
         except BaseException:
             os.close(fd)
-            lease.partial.unlink(missing_ok=True)
-            lease.release()
+            lease.abandon()
             raise
         # Registered only once its producer exists: an entry without one would hang joiners.
         self._downloads[digest] = download
@@ -540,7 +537,7 @@ class DownloadRegistry:
         except FileNotFoundError:
             # The owner ended between the two steps: committed, or failed.
             lease.close()
-            return self._open_stored(digest)
+            return self.open_stored(digest)
         except BaseException:
             lease.close()
             raise
@@ -561,7 +558,9 @@ class DownloadRegistry:
         )
         return Subscriber(download)
 
-    def _open_stored(self, digest: Digest) -> Subscriber | None:
+    def open_stored(self, digest: Digest) -> Subscriber | None:
+        """A subscriber over the stored blob (marked as being read until it closes), or None
+        when it is not stored.  Raises ``OSError`` when it is stored but cannot be opened."""
         fd = self._store.open_blob(digest)
         if fd is None:
             return None
@@ -605,7 +604,7 @@ class DownloadRegistry:
                 download._set_size(size)
             download.available = size
             download.path = stored
-            self._store.note_committed(download.digest, size)
+            self._store.note_committed(size)
             self._finish(download, "committed by its owner process")
         except RegistryError as error:
             log.warning(
