@@ -60,6 +60,7 @@ class Config:
     max_size: int | None = None  # bytes of blobs the cache may hold; None: no cap
     manifest_max_age_days: float = 30.0  # `cache gc` drops manifests and tags unused this long
     chunk_size: int = 1024 * 1024
+    zero_copy: bool = True  # cached bytes leave with sendfile(2) where the server allows
     log_format: str = "text"  # or "json": one object a line
     htpasswd: Path | None = None  # client auth: off unless an htpasswd file is named
     auth_realm: str = "streamsync-trio"
@@ -164,6 +165,7 @@ def parse_config(data: dict[str, Any]) -> Config:
     chunk_size = stream.get("chunk_size", int, 1024 * 1024)
     if not 4096 <= chunk_size <= 64 * 1024 * 1024:
         raise ConfigError("stream.chunk_size: must be between 4096 and 67108864 bytes")
+    zero_copy = stream.get("zero_copy", bool, True)
     stream.finish()
 
     auth = _Table(top.get("auth", dict, {}), "auth")
@@ -202,6 +204,7 @@ def parse_config(data: dict[str, Any]) -> Config:
         max_size=max_size,
         manifest_max_age_days=manifest_max_age_days,
         chunk_size=chunk_size,
+        zero_copy=zero_copy,
         upstreams=upstreams,
         log_format=log_format,
         log_level=log_level,

@@ -44,14 +44,23 @@ from ._reference import Endpoint, parse_digest, parse_v2_path
 from ._routing import Route, route
 from ._status import render_status_page, status_snapshot
 from ._store import Store
-from ._streaming import DownloadRegistry, RetryPolicy, Subscriber
+from ._streaming import DownloadRegistry, FileRange, RetryPolicy, Subscriber
 from ._upstream import Upstream
+from ._zerocopy import enable_in_hypercorn, with_file_ranges, zero_copy_offered
 
 log = logging.getLogger("streamsync_trio.http")
 
 API_VERSION_HEADER = {"Docker-Distribution-API-Version": "registry/2.0"}
 _PASSTHROUGH_TTL = 10.0  # tags/list and referrers: "cached briefly"
 _PASSTHROUGH_CACHE_MAX = 1024
+
+
+# Bytes per zero-copy body chunk (a FileRange).  They cost no memory here, only one round
+# through Quart, hypercorn and h11, so they are bigger than chunks of bytes.  Warm, 8 clients
+# (MB/s, CPU s/GB): 1 MiB 2304, 0.38; 2 MiB 2569, 0.33; 4 MiB 2490, 0.29; 8 MiB 2642, 0.26;
+# 16 MiB 2678, 0.26.  Beyond 4 MiB the gain is within the machine's noise, while each range is
+# a longer shielded send to one client (hypercorn shields its sends, and so does ours).
+FILE_RANGE = 4 * 1024 * 1024
 
 
 class ChunkBudget:
@@ -107,21 +116,31 @@ class _BlobBody:
     """
 
     def __init__(
-        self, subscriber: Subscriber, budget: ChunkBudget, traffic: Traffic, source: str
+        self,
+        subscriber: Subscriber,
+        budget: ChunkBudget,
+        traffic: Traffic,
+        source: str,
+        *,
+        zero_copy: bool = False,
     ) -> None:
         self._subscriber = subscriber
+        self._zero_copy = zero_copy
         self._budget = budget
         self._traffic = traffic
         self._source = source
         budget.open_bodies += 1
         self._open = True
 
-    def __aiter__(self) -> AsyncIterator[bytes]:
+    def __aiter__(self) -> AsyncIterator[bytes | FileRange]:
         return self
 
-    async def __anext__(self) -> bytes:
+    async def __anext__(self) -> bytes | FileRange:
         try:
-            data = await self._subscriber.read(self._budget.chunk())
+            if self._zero_copy:
+                data = await self._subscriber.read_or_range(self._budget.chunk(), FILE_RANGE)
+            else:
+                data = await self._subscriber.read(self._budget.chunk())
         except BaseException:
             self._close()
             raise
@@ -167,7 +186,12 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
     )
     # Probes must work without credentials; metrics only if the operator says so.
     open_paths = {"/healthz", "/readyz"} | ({"/metrics"} if config.metrics_open else set())
-    app.asgi_app = with_access_log(app.asgi_app)  # type: ignore[method-assign,assignment]
+    # Outermost, so the access log still sees (and counts) the file ranges as body chunks.
+    app.asgi_app = with_file_ranges(  # type: ignore[method-assign,assignment]
+        with_access_log(app.asgi_app)
+    )
+    if config.zero_copy:
+        enable_in_hypercorn()
 
     def state() -> ProxyState:
         return holder["state"]
@@ -415,7 +439,13 @@ async def _blob(
         response = Response(b"", status=status, headers=headers)
     else:
         response = Response(
-            _BlobBody(subscriber, state.chunk_budget, state.traffic, source),
+            _BlobBody(
+                subscriber,
+                state.chunk_budget,
+                state.traffic,
+                source,
+                zero_copy=state.config.zero_copy and zero_copy_offered(request.scope),
+            ),
             status=status,
             headers=headers,
         )

@@ -5,6 +5,7 @@ Shared by the core tests (streaming, resilience); nothing here knows about HTTP.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,7 +19,7 @@ import trio
 from streamsync_trio import RegistryError, UpstreamConfig
 from streamsync_trio._reference import parse_digest
 from streamsync_trio._store import Store
-from streamsync_trio._streaming import DownloadRegistry, RetryPolicy, Subscriber
+from streamsync_trio._streaming import DownloadRegistry, FileRange, RetryPolicy, Subscriber
 from streamsync_trio._upstream import Upstream
 
 from .fakes import FakeRegistry
@@ -80,28 +81,47 @@ class Outcome:
     error: RegistryError | None
     first_byte_at: float | None
     ended_at: float
+    ranges: int = 0  # pieces that came as file ranges
 
 
-async def drain(subscriber: Subscriber, *, join_at: float = 0.0) -> Outcome:
-    """Read a subscriber to its end (or failure), the way the HTTP body does."""
+async def drain(subscriber: Subscriber, *, zero_copy: bool = False) -> Outcome:
+    """Read a subscriber to its end (or failure), the way the HTTP body does; with
+    ``zero_copy``, as a body for a server that sends file ranges (their bytes are read back
+    from the range's own descriptor, as sendfile would)."""
     received = bytearray()
     first: float | None = None
+    ranges = 0
     try:
         await subscriber.wait_size()
-        while data := await subscriber.read(100_000):
+        while True:
+            if zero_copy:
+                piece = await subscriber.read_or_range(100_000, 300_000)
+                if isinstance(piece, FileRange):
+                    ranges += 1
+                    with contextlib.closing(piece):
+                        data = os.pread(piece.fd, piece.count, piece.offset)
+                    assert len(data) == piece.count
+                else:
+                    data = piece
+            else:
+                data = await subscriber.read(100_000)
+            if not data:
+                break
             if first is None:
                 first = trio.current_time()
             received += data
     except RegistryError as error:
-        return Outcome(bytes(received), error, first, trio.current_time())
+        return Outcome(bytes(received), error, first, trio.current_time(), ranges)
     finally:
         subscriber.close()
-    return Outcome(bytes(received), None, first, trio.current_time())
+    return Outcome(bytes(received), None, first, trio.current_time(), ranges)
 
 
-async def join_later(lab: Lab, digest: str, delay: float, results: list[Outcome]) -> None:
+async def join_later(
+    lab: Lab, digest: str, delay: float, results: list[Outcome], zero_copy: bool = False
+) -> None:
     await trio.sleep(delay)
-    results.append(await drain(lab.subscribe(digest)))
+    results.append(await drain(lab.subscribe(digest), zero_copy=zero_copy))
 
 
 def blob(size: int) -> bytes:

@@ -168,13 +168,21 @@ async def test_stored_blob_is_served_with_ranges_and_416(tmp_path: Path) -> None
         assert len(fake.blob_gets(digest)) == 1
 
 
+@pytest.mark.parametrize("zero_copy", [True, False], ids=["sendfile", "read"])
 async def test_unreadable_cached_blob_is_a_clean_500_and_logged_with_its_path(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    zero_copy: bool,
 ) -> None:
     fake = real_time_fake()
-    data = os.urandom(6 * MiB)  # three response chunks
+    data = os.urandom(10 * MiB)  # several response chunks either way
     digest = fake.add_blob(data)
-    async with running_proxy(tmp_path, fake) as proxy, httpx.AsyncClient() as client:
+    settings = {"zero_copy": zero_copy}
+    async with (
+        running_proxy(tmp_path, fake, settings=settings) as proxy,
+        httpx.AsyncClient() as client,
+    ):
         await fetch(client, proxy.blob_url(digest))
         path = proxy.state.store.blob_path(parse_digest(digest))
         await proxy.wait_stored(digest)
@@ -189,7 +197,8 @@ async def test_unreadable_cached_blob_is_a_clean_500_and_logged_with_its_path(
         assert response.json()["errors"][0]["code"] == "UNKNOWN"
         assert str(path) in caplog.text
 
-        real_pread, real_preadv = os.pread, os.preadv
+        real_pread, real_preadv, real_sendfile = os.pread, os.preadv, os.sendfile
+        sendfile_offsets: list[int] = []
 
         def failing_pread(fd: int, count: int, offset: int) -> bytes:
             if offset >= 2 * MiB:
@@ -201,13 +210,23 @@ async def test_unreadable_cached_blob_is_a_clean_500_and_logged_with_its_path(
                 raise OSError(5, "Input/output error")
             return real_preadv(fd, buffers, offset, flags)
 
-        with monkeypatch.context() as patch:  # the disk fails past the first chunk
+        def failing_sendfile(out_fd: int, in_fd: int, offset: int, count: int) -> int:
+            sendfile_offsets.append(offset)
+            if offset >= 2 * MiB:
+                raise OSError(5, "Input/output error")
+            return real_sendfile(out_fd, in_fd, offset, min(count, 2 * MiB - offset))
+
+        with monkeypatch.context() as patch:  # the disk fails past the first 2 MiB
             patch.setattr(os, "pread", failing_pread)
             patch.setattr(os, "preadv", failing_preadv)
+            patch.setattr(os, "sendfile", failing_sendfile)
             status, length, received = await fetch_until_abort(client, proxy.blob_url(digest))
         assert (status, length) == (200, len(data))
-        assert len(received) < len(data)
+        assert len(received) == 2 * MiB
+        assert received == data[: 2 * MiB]
         assert f"of {path}" in caplog.text
+        # The cached bytes took the path the setting chose.
+        assert bool(sendfile_offsets) == zero_copy
         # Still healthy: the next request is served whole.
         _, body = await fetch(client, proxy.blob_url(digest))
         assert body == data

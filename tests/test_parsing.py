@@ -396,6 +396,7 @@ def test_config_defaults() -> None:
     assert config == Config()
     assert config.storage_root == Path("./data")
     assert config.chunk_size == 1024 * 1024
+    assert config.zero_copy is True
     (hub,) = config.upstreams
     assert (hub.name, hub.url, hub.default, hub.implicit_library) == (
         "docker.io",
@@ -418,7 +419,7 @@ def test_config_defaults() -> None:
 def full_config() -> dict[str, Any]:
     return {
         "storage": {"root": "/var/cache/streamsync"},
-        "stream": {"chunk_size": 4 * 1024 * 1024},
+        "stream": {"chunk_size": 4 * 1024 * 1024, "zero_copy": False},
         "upstream": [
             {
                 "name": "ghcr.io",
@@ -442,6 +443,7 @@ def test_config_every_key(monkeypatch: pytest.MonkeyPatch) -> None:
     config = parse_config(full_config())
     assert config.storage_root == Path("/var/cache/streamsync")
     assert config.chunk_size == 4 * 1024 * 1024
+    assert config.zero_copy is False
     ghcr, hub, local = config.upstreams
     assert ghcr == UpstreamConfig(
         name="ghcr.io",
@@ -496,6 +498,7 @@ def with_upstream(**settings: Any) -> dict[str, Any]:
         ({"stream": {"chunk_size": "big"}}, "stream.chunk_size: expected an integer, got str"),
         ({"stream": {"chunk_size": True}}, "stream.chunk_size: expected an integer, got a boolean"),
         ({"stream": {"chunk_size": 65536.0}}, "stream.chunk_size: expected an integer"),
+        ({"stream": {"zero_copy": "yes"}}, "stream.zero_copy: expected"),
         ({"upstream": {"name": "r.test"}}, "upstream: expected"),
         ({"upstream": [5]}, "upstream[0]: must be a table"),
         (with_upstream(max_retries=True), "upstream[0].max_retries: expected an integer"),

@@ -31,8 +31,9 @@ from .corelab import (
 from .fakes import Fault
 
 
+@pytest.mark.parametrize("zero_copy", [False, True], ids=["bytes", "file-ranges"])
 async def test_three_clients_joining_at_different_times_share_one_upstream_request(
-    tmp_path: Path, autojump_clock: trio.abc.Clock
+    tmp_path: Path, autojump_clock: trio.abc.Clock, zero_copy: bool
 ) -> None:
     data = blob(4 * MiB)
     fds_before = open_fds()
@@ -41,9 +42,12 @@ async def test_three_clients_joining_at_different_times_share_one_upstream_reque
         results: list[Outcome] = []
         async with trio.open_nursery() as clients:
             for delay in (0.0, 0.2, 0.5):  # the blob takes 0.64 s to arrive
-                clients.start_soon(join_later, lab, digest, delay, results)
+                clients.start_soon(join_later, lab, digest, delay, results, zero_copy)
         assert [r.error for r in results] == [None, None, None]
         assert all(r.data == data for r in results)
+        # Bytes just written are in the page cache: with a zero-copy server, they leave as
+        # file ranges (descriptors closed: see the fd count below).
+        assert all((r.ranges > 0) == zero_copy for r in results)
         assert len(lab.fake.blob_gets(digest)) == 1
         # Late joiners catch up from disk and finish with the download, not 0.64 s later.
         ends = sorted(r.ended_at for r in results)
@@ -133,8 +137,9 @@ async def test_upstream_drop_ends_every_subscriber_promptly_and_cleans_up(
     assert open_fds() == fds_before
 
 
+@pytest.mark.parametrize("zero_copy", [False, True], ids=["bytes", "file-ranges"])
 async def test_corrupt_upstream_bytes_never_yield_a_complete_body(
-    tmp_path: Path, autojump_clock: trio.abc.Clock
+    tmp_path: Path, autojump_clock: trio.abc.Clock, zero_copy: bool
 ) -> None:
     data = blob(2 * MiB)
     async with open_lab(tmp_path) as lab:
@@ -143,7 +148,7 @@ async def test_corrupt_upstream_bytes_never_yield_a_complete_body(
         results: list[Outcome] = []
         async with trio.open_nursery() as clients:
             for delay in (0.0, 0.1, 0.3):
-                clients.start_soon(join_later, lab, digest, delay, results)
+                clients.start_soon(join_later, lab, digest, delay, results, zero_copy)
         for outcome in results:
             assert outcome.error is not None
             assert outcome.error.code == "DIGEST_INVALID"

@@ -1,0 +1,210 @@
+"""Blob bodies without copying: ``sendfile(2)`` under hypercorn, as the ASGI extension
+``http.response.zerocopysend``.
+
+Serving a cached layer is the hot path.  A body of ``bytes`` costs this process three copies
+per byte (page cache to a buffer, buffer to ``bytes``, ``bytes`` to the socket), and with one
+event loop those copies, not the network, set the throughput.  ``sendfile`` hands page-cache
+pages to the socket instead.  Hypercorn 0.18 implements no zero-copy extension, and Quart
+sends every item of a body iterator as ``http.response.body``, so this module has both halves:
+
+* the server: :func:`enable_in_hypercorn` puts subclasses of hypercorn's HTTP stream, HTTP/1.1
+  protocol and trio TCP server in place of the originals.  The stream advertises the extension
+  on plain-text HTTP/1.1 only (TLS must encrypt the bytes in user space, HTTP/2 frames them
+  itself) and passes the :class:`FileRange` on as body data; the protocol lets h11 frame it
+  (``send_with_data_passthrough`` exists for exactly this); the TCP server sends it.
+* the app: :func:`with_file_ranges` turns the ``FileRange`` items of a body, which Quart wraps
+  in ``http.response.body``, into ``http.response.zerocopysend`` messages.
+
+hypercorn is pinned (pyproject.toml), and the tests run these classes under the real server.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any, cast
+
+import h11
+import hypercorn.protocol as hypercorn_protocol
+import trio
+from hypercorn.events import Closed, Event, RawData
+from hypercorn.protocol import h11 as hypercorn_h11
+from hypercorn.protocol.events import Body
+from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
+from hypercorn.trio import run as hypercorn_trio_run
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.typing import ASGISendEvent
+from hypercorn.utils import suppress_body
+
+from ._logging import ASGIApp, Message, Receive, Scope, Send
+from ._streaming import FileRange
+
+log = logging.getLogger("streamsync_trio.http")
+
+ZEROCOPYSEND = "http.response.zerocopysend"
+
+# A peer that went away shows up as one of these from sendfile; anything else is the file's.
+_CONNECTION_GONE = {errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN}
+
+
+def with_file_ranges(app: ASGIApp) -> ASGIApp:
+    """Wrap an ASGI app whose bodies may yield :class:`FileRange` items: those leave as
+    ``http.response.zerocopysend`` messages.  Bodies yield them only where
+    :func:`zero_copy_offered` says the server takes them."""
+
+    async def app_with_file_ranges(scope: Scope, receive: Receive, send: Send) -> None:
+        if not zero_copy_offered(scope):
+            await app(scope, receive, send)
+            return
+
+        async def send_ranges(message: Message) -> None:
+            body = message.get("body") if message["type"] == "http.response.body" else None
+            if isinstance(body, FileRange):
+                message = {
+                    "type": ZEROCOPYSEND,
+                    "file": body,
+                    "offset": body.offset,
+                    "count": body.count,
+                    "more_body": message.get("more_body", False),
+                }
+            await send(message)
+
+        await app(scope, receive, send_ranges)
+
+    return app_with_file_ranges
+
+
+def zero_copy_offered(scope: Mapping[str, object]) -> bool:
+    """Whether the server serving this request sends :class:`FileRange` bodies itself."""
+    extensions = scope.get("extensions")
+    return (
+        scope.get("type") == "http" and isinstance(extensions, dict) and ZEROCOPYSEND in extensions
+    )
+
+
+class _OfferZeroCopy:
+    """hypercorn's app wrapper, with the extension added to every HTTP scope."""
+
+    def __init__(self, app: Any) -> None:
+        self._app = app
+
+    async def __call__(
+        self, scope: dict[str, Any], receive: Any, send: Any, sync_spawn: Any, call_soon: Any
+    ) -> None:
+        scope["extensions"][ZEROCOPYSEND] = {}
+        await self._app(scope, receive, send, sync_spawn, call_soon)
+
+
+class _HTTPStream(HTTPStream):
+    """hypercorn's HTTP stream, also taking ``http.response.zerocopysend``."""
+
+    def __init__(
+        self, app: Any, config: Any, context: Any, task_group: Any, ssl: bool, *args: Any
+    ) -> None:
+        if not ssl:
+            app = _OfferZeroCopy(app)
+        super().__init__(app, config, context, task_group, ssl, *args)
+
+    async def app_send(self, message: ASGISendEvent | None) -> None:
+        if message is None or message["type"] != ZEROCOPYSEND:
+            await super().app_send(message)
+            return
+        file_range = cast(dict[str, Any], message)["file"]
+        if not isinstance(file_range, FileRange):
+            raise TypeError(f"{ZEROCOPYSEND}: this server sends FileRange objects only")
+        if self.state != ASGIHTTPState.RESPONSE:
+            file_range.close()
+            await super().app_send(message)  # raises hypercorn's UnexpectedMessageError
+            return
+        if file_range.count and not suppress_body(
+            self.scope["method"], int(self.response["status"])
+        ):
+            # Typed bytes, but h11 (send_with_data_passthrough) only needs its len().
+            await self.send(Body(stream_id=self.stream_id, data=cast(bytes, file_range)))
+        else:
+            file_range.close()
+        if not message.get("more_body", False):
+            await super().app_send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class _H11Protocol(H11Protocol):
+    """hypercorn's HTTP/1.1 protocol; lets h11 frame a :class:`FileRange` without its bytes."""
+
+    async def _send_h11_event(self, event: Any) -> None:
+        if not (isinstance(event, h11.Data) and isinstance(event.data, FileRange)):
+            await super()._send_h11_event(event)
+            return
+        try:
+            pieces = self.connection.send_with_data_passthrough(event)
+        except h11.LocalProtocolError:
+            event.data.close()
+            if self.connection.their_state != h11.ERROR:
+                raise
+            return
+        for piece in pieces or ():
+            await self.send(RawData(data=piece))
+
+
+class _TCPServer(TCPServer):
+    """hypercorn's trio connection; sends a :class:`FileRange` with ``sendfile(2)``."""
+
+    async def protocol_send(self, event: Event) -> None:
+        if not (isinstance(event, RawData) and isinstance(event.data, FileRange)):
+            await super().protocol_send(event)
+            return
+        file_range: FileRange = event.data
+        try:
+            async with self.send_lock:
+                # Shielded like hypercorn's own send: h11 has already counted these bytes.
+                with trio.CancelScope(shield=True):
+                    await _sendfile(self.stream, file_range)
+        except trio.BrokenResourceError:
+            await self.protocol.handle(Closed())
+        except OSError as exc:
+            log.error(
+                "cache read failed at byte %d of %s: %s", file_range.offset, file_range.path, exc
+            )
+            # The body can no longer be completed: closing the connection is how the client
+            # learns that the response is cut short.
+            await super().protocol_send(Closed())
+        finally:
+            file_range.close()
+
+
+async def _sendfile(stream: Any, file_range: FileRange) -> None:
+    """Send the whole range on a non-blocking trio socket stream, waiting when it is full."""
+    if not isinstance(stream, trio.SocketStream):
+        raise TypeError("zero-copy send needs a plain TCP stream")
+    await trio.lowlevel.checkpoint_if_cancelled()
+    sock = stream.socket
+    offset, left = file_range.offset, file_range.count
+    while left:
+        try:
+            sent = os.sendfile(sock.fileno(), file_range.fd, offset, left)
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+            continue
+        except OSError as exc:
+            if exc.errno in _CONNECTION_GONE:
+                raise trio.BrokenResourceError(str(exc)) from exc
+            raise
+        if sent == 0:
+            raise OSError(errno.EIO, "file ended before the range")
+        offset += sent
+        left -= sent
+    await trio.lowlevel.cancel_shielded_checkpoint()
+
+
+def enable_in_hypercorn() -> None:
+    """Serve ``http.response.zerocopysend`` in hypercorn's trio worker.  Idempotent.
+
+    hypercorn looks these classes up by module global when it creates a connection, so the
+    replacement takes effect for every connection accepted afterwards, with either launcher
+    (``streamsync-trio serve`` or ``hypercorn``): both import the app before serving.
+    """
+    setattr(hypercorn_h11, "HTTPStream", _HTTPStream)  # noqa: B010
+    setattr(hypercorn_protocol, "H11Protocol", _H11Protocol)  # noqa: B010
+    setattr(hypercorn_trio_run, "TCPServer", _TCPServer)  # noqa: B010

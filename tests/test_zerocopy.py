@@ -1,0 +1,150 @@
+"""Cached bytes leave by sendfile(2) under the real hypercorn: byte-exact, whole or in ranges,
+only when the page cache holds them, and without leaking a descriptor when a client leaves."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from streamsync_trio import _streaming
+from streamsync_trio._streaming import _pages_cached
+
+from .httplab import MiB, fetch, real_time_fake, running_proxy
+
+
+class SendfileMeter:
+    """Counts the bytes os.sendfile hands to sockets."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.sent = 0
+        real = os.sendfile
+
+        def counting(out_fd: int, in_fd: int, offset: int, count: int) -> int:
+            sent = real(out_fd, in_fd, offset, count)
+            self.sent += sent
+            return sent
+
+        monkeypatch.setattr(os, "sendfile", counting)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_a_cached_blob_leaves_by_sendfile_whole_and_in_ranges(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = real_time_fake()
+    data = os.urandom(9 * MiB + 123)  # three file ranges, the last one odd-sized
+    digest = fake.add_blob(data)
+    async with running_proxy(tmp_path, fake) as proxy, httpx.AsyncClient() as client:
+        url = proxy.blob_url(digest)
+        await fetch(client, url)
+        await proxy.wait_stored(digest)
+        meter = SendfileMeter(monkeypatch)
+
+        # Several requests on one kept-alive connection: each ends exactly where h11 expects.
+        _, body = await fetch(client, url)
+        assert body == data
+        assert meter.sent == len(data)
+        size = len(data)
+        for header, (start, end) in {
+            "bytes=5-4194310": (5, 4194311),  # not page aligned, crosses a range boundary
+            "bytes=4194300-": (4194300, size),
+            "bytes=-1": (size - 1, size),
+        }.items():
+            meter.sent = 0
+            response = await client.get(url, headers={"Range": header})
+            assert response.status_code == 206
+            assert response.content == data[start:end]
+            assert meter.sent == end - start
+        meter.sent = 0
+        head = await client.head(url)
+        assert head.headers["Content-Length"] == str(size)
+        assert meter.sent == 0
+        # The access log and the metrics count the bytes that left by sendfile.
+        metrics = (await client.get(f"{proxy.url}/metrics")).text
+        served = [
+            line for line in metrics.splitlines() if 'served_bytes_total{source="cache"' in line
+        ]
+        assert served and float(served[0].split()[-1]) >= 2 * size
+
+
+async def test_bytes_not_in_the_page_cache_are_read_not_sent_from_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sendfile(2) would wait for the disk inside the event loop; those bytes go the read way
+    (a worker thread), and the body is the same."""
+    fake = real_time_fake()
+    data = os.urandom(5 * MiB)
+    digest = fake.add_blob(data)
+    async with running_proxy(tmp_path, fake) as proxy, httpx.AsyncClient() as client:
+        url = proxy.blob_url(digest)
+        await fetch(client, url)
+        await proxy.wait_stored(digest)
+        meter = SendfileMeter(monkeypatch)
+        monkeypatch.setattr(_streaming, "_pages_cached", lambda fd, offset, count: False)
+        _, body = await fetch(client, url)
+        assert body == data
+        assert meter.sent == 0
+
+
+async def test_clients_leaving_mid_sendfile_leave_no_descriptor_behind(
+    tmp_path: Path,
+) -> None:
+    fake = real_time_fake()
+    data = os.urandom(32 * MiB)  # more than loopback's socket buffers hold
+    digest = fake.add_blob(data)
+    async with running_proxy(tmp_path, fake) as proxy:
+        url = proxy.blob_url(digest)
+        async with httpx.AsyncClient() as client:
+            await fetch(client, url)
+        await proxy.wait_stored(digest)
+        baseline = open_fds()
+        for _ in range(5):
+            async with httpx.AsyncClient() as client, client.stream("GET", url) as response:
+                async for _chunk in response.aiter_raw():
+                    break  # one piece, then hang up with most of the body unsent
+        with trio.fail_after(10):
+            while open_fds() > baseline:
+                await trio.sleep(0.01)
+        # And the server still serves the whole blob.
+        async with httpx.AsyncClient() as client:
+            _, body = await fetch(client, url)
+        assert body == data
+
+
+def test_page_cache_check_agrees_with_the_kernel(tmp_path: Path) -> None:
+    """_pages_cached (cachestat) on a file whose pages the kernel was told to drop and then
+    four of them read back.  The witness, asked last because it starts readahead: a read with
+    RWF_NOWAIT, which the kernel refuses (EAGAIN) when it would have to wait for the disk."""
+    path = tmp_path / "blob"
+    page = os.sysconf("SC_PAGE_SIZE")
+    path.write_bytes(os.urandom(64 * page))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert _pages_cached(fd, 0, 64 * page)  # just written: every page is in memory
+        assert _pages_cached(fd, 3, 5 * page)  # unaligned ranges count partial pages
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # drop the clean pages
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead: exactly these
+        os.pread(fd, 4 * page, 8 * page)
+        seen = [_pages_cached(fd, index * page, page) for index in range(64)]
+        spans = (_pages_cached(fd, 8 * page, 4 * page), _pages_cached(fd, 7 * page, 2 * page))
+        try:
+            dropped = os.preadv(fd, [bytearray(page)], 20 * page, os.RWF_NOWAIT) <= 0
+        except BlockingIOError:
+            dropped = True
+        except OSError:
+            dropped = False  # tmpfs: no RWF_NOWAIT, and its pages are never dropped
+        if dropped:
+            assert seen == [8 <= index < 12 for index in range(64)]
+            assert spans == (True, False)
+        else:
+            assert all(seen)
+    finally:
+        os.close(fd)
