@@ -190,8 +190,7 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
     app.asgi_app = with_file_ranges(  # type: ignore[method-assign,assignment]
         with_access_log(app.asgi_app)
     )
-    if config.zero_copy:
-        enable_in_hypercorn()
+    enable_in_hypercorn()  # the app's bodies decide whether to send file ranges
 
     def state() -> ProxyState:
         return holder["state"]

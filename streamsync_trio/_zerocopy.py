@@ -11,7 +11,8 @@ sends every item of a body iterator as ``http.response.body``, so this module ha
   protocol and trio TCP server in place of the originals.  The stream advertises the extension
   on plain-text HTTP/1.1 only (TLS must encrypt the bytes in user space, HTTP/2 frames them
   itself) and passes the :class:`FileRange` on as body data; the protocol lets h11 frame it
-  (``send_with_data_passthrough`` exists for exactly this); the TCP server sends it.
+  (``send_with_data_passthrough`` exists for exactly this); the TCP server sends it.  The TCP
+  server also lets a send to a client that stopped reading be cancelled (see there).
 * the app: :func:`with_file_ranges` turns the ``FileRange`` items of a body, which Quart wraps
   in ``http.response.body``, into ``http.response.zerocopysend`` messages.
 
@@ -149,29 +150,44 @@ class _H11Protocol(H11Protocol):
 
 
 class _TCPServer(TCPServer):
-    """hypercorn's trio connection; sends a :class:`FileRange` with ``sendfile(2)``."""
+    """hypercorn's trio connection, with two changes to how it sends:
+
+    * a :class:`FileRange` leaves with ``sendfile(2)``;
+    * a send can be cancelled.  hypercorn shields every send, so a client that stops reading
+      but keeps its connection open held its response, and with it the graceful shutdown,
+      forever (measured: still running 30 s after SIGTERM with ``--graceful-timeout 2``).
+      A cancelled send leaves the response cut short, so the connection is closed at once:
+      the client sees the abort, and no byte can follow a partial write.  Sends are only
+      cancelled when the response is being given up anyway (shutdown past its grace period,
+      client gone): Quart finishes sending before it cancels a request's tasks.
+    """
 
     async def protocol_send(self, event: Event) -> None:
-        if not (isinstance(event, RawData) and isinstance(event.data, FileRange)):
+        if not isinstance(event, RawData):
             await super().protocol_send(event)
             return
-        file_range: FileRange = event.data
+        data = event.data
         try:
             async with self.send_lock:
-                # Shielded like hypercorn's own send: h11 has already counted these bytes.
-                with trio.CancelScope(shield=True):
-                    await _sendfile(self.stream, file_range)
-        except trio.BrokenResourceError:
+                if isinstance(data, FileRange):
+                    await _sendfile(self.stream, data)
+                else:
+                    await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
             await self.protocol.handle(Closed())
+        except trio.Cancelled:
+            await trio.aclose_forcefully(self.stream)
+            raise
         except OSError as exc:
-            log.error(
-                "cache read failed at byte %d of %s: %s", file_range.offset, file_range.path, exc
-            )
+            if not isinstance(data, FileRange):
+                raise
+            log.error("cache read failed at byte %d of %s: %s", data.offset, data.path, exc)
             # The body can no longer be completed: closing the connection is how the client
             # learns that the response is cut short.
             await super().protocol_send(Closed())
         finally:
-            file_range.close()
+            if isinstance(data, FileRange):
+                data.close()
 
 
 async def _sendfile(stream: Any, file_range: FileRange) -> None:
@@ -199,7 +215,8 @@ async def _sendfile(stream: Any, file_range: FileRange) -> None:
 
 
 def enable_in_hypercorn() -> None:
-    """Serve ``http.response.zerocopysend`` in hypercorn's trio worker.  Idempotent.
+    """Serve ``http.response.zerocopysend``, and let sends be cancelled, in hypercorn's trio
+    worker.  Idempotent.
 
     hypercorn looks these classes up by module global when it creates a connection, so the
     replacement takes effect for every connection accepted afterwards, with either launcher

@@ -82,7 +82,9 @@ def stop(process: subprocess.Popen[bytes]) -> str:
     try:
         output, _ = process.communicate(timeout=20)
     except subprocess.TimeoutExpired:
-        process.kill()
+        # The workers too, before reading on: they hold the output pipe open.
+        for pid in [process.pid, *children]:
+            with_signal(pid, signal.SIGKILL)
         output, _ = process.communicate()
     for pid in children:
         with_signal(pid, signal.SIGKILL)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import socket
 import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -48,9 +49,12 @@ async def proxy_process(
     upstream_url: str,
     extra_args: tuple[str, ...] = (),
     launcher: str = "hypercorn",
+    zero_copy: bool = True,
 ) -> AsyncIterator[ProxyProcess]:
     cache = tmp_path / "cache"
     config = write_config(tmp_path / "cfg.toml", cache, upstream_url, read_timeout=30)
+    with config.open("a") as more:
+        more.write(f"[stream]\nzero_copy = {str(zero_copy).lower()}\n")
     port = free_port()
     process = start(tmp_path, port, config, extra_args, launcher=launcher)
     url = f"http://127.0.0.1:{port}"
@@ -151,3 +155,47 @@ async def test_sigterm_ends_downloads_within_the_graceful_timeout_and_exits_0(
         except httpx.TransportError:
             refused = True
         assert refused
+
+
+@pytest.mark.parametrize(
+    ("launcher", "zero_copy"), [("hypercorn", True), ("serve", False)], ids=["sendfile", "read"]
+)
+async def test_sigterm_ends_a_response_whose_client_stopped_reading(
+    tmp_path: Path, launcher: str, zero_copy: bool
+) -> None:
+    """A client that keeps its connection open but reads nothing must not hold the shutdown:
+    hypercorn's own sends cannot be cancelled, and this process used to run on forever."""
+    fake = FakeRegistry(chunk_delay=0.0)
+    data = os.urandom(64 * MiB)  # far more than the socket buffers between us hold
+    digest = fake.add_blob(data)
+    graceful = 2
+    async with (
+        serving(fake) as upstream_url,
+        proxy_process(
+            tmp_path, upstream_url, ("--graceful-timeout", str(graceful)), launcher, zero_copy
+        ) as proxy,
+    ):
+        async with httpx.AsyncClient() as client:
+            cached = await client.get(proxy.blob_url(digest), timeout=60)
+        assert cached.content == data
+        port = int(proxy.url.rsplit(":", 1)[1])
+        stalled = await trio.open_tcp_stream("127.0.0.1", port)
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        path = proxy.blob_url(digest).split(str(port), 1)[1]
+        await stalled.send_all(f"GET {path} HTTP/1.1\r\nHost: proxy\r\n\r\n".encode())
+        assert (await stalled.receive_some(64 * 1024)).startswith(b"HTTP/1.1 200")
+        await trio.sleep(0.5)  # the server fills the socket buffers and waits
+        started = trio.current_time()
+        proxy.process.send_signal(signal.SIGTERM)
+        with trio.fail_after(graceful + 8):
+            returncode = await trio.to_thread.run_sync(proxy.process.wait, abandon_on_cancel=True)
+        elapsed = trio.current_time() - started
+        assert returncode == 0
+        assert elapsed < graceful + 3
+        # The stalled client, reading at last, finds the body cut short.
+        received = 0
+        with trio.fail_after(10):
+            while chunk := await stalled.receive_some(1024 * 1024):
+                received += len(chunk)
+        assert received < len(data)
+        await stalled.aclose()
