@@ -1,6 +1,6 @@
 """streamsync-trio against CNCF Distribution's proxy mode, side by side in one lab.
 
-The mirrors (ours with --workers worker processes, ours with one, and Distribution) sit in
+The mirrors (ours with one worker process, ours with --workers, and Distribution) sit in
 front of the same upstream (Distribution behind nginx limiting each connection to --rate,
 whose access log counts upstream bytes), all running at once, and get the same workloads:
 
@@ -249,13 +249,13 @@ def main() -> None:
     args = parser.parse_args()
     _lab.require("docker-registry", "nginx", "skopeo", "curl")
     with lab(args) as (workdir, up, blobs):
+        # The default first (one worker), then the --workers choice, then the peer.
         mirrors: dict[str, Callable[[], contextlib.AbstractContextManager[_lab.Proxy]]] = {}
-        plural = "s" if args.workers > 1 else ""
-        mirrors[f"ours, {args.workers} worker{plural}"] = lambda: _lab.proxy(
-            workdir, up.wan_url, workers=args.workers
-        )
+        mirrors["ours, 1 worker"] = lambda: _lab.proxy(workdir, up.wan_url, workers=1)
         if args.workers != 1:
-            mirrors["ours, 1 worker"] = lambda: _lab.proxy(workdir, up.wan_url, workers=1)
+            mirrors[f"ours, {args.workers} workers"] = lambda: _lab.proxy(
+                workdir, up.wan_url, workers=args.workers
+            )
         mirrors["Distribution"] = lambda: _lab.distribution_proxy(workdir, up.wan_url)
         results = measure_all(mirrors, up, blobs, args, workdir)
     *ours, theirs = results
