@@ -99,6 +99,7 @@ def cold(m: Measured, up: _lab.Upstream, blob: tuple[str, int], args: argparse.N
         m.sampler,
     )
     m.rows["upstream bytes / blob size"] = (up.upstream_bytes(digest) - before) / size
+    m.rows["cold: first byte, first client (s)"] = results[0].first_byte
     m.rows["cold: first byte, slowest client (s)"] = max(r.first_byte for r in results)
     m.rows["cold: first client done (s)"] = results[0].done
     m.rows["cold: last client done (s)"] = results[-1].done
@@ -220,6 +221,7 @@ def lab(
 
 ROWS = [
     "upstream bytes / blob size",
+    "cold: first byte, first client (s)",
     "cold: first byte, slowest client (s)",
     "cold: first client done (s)",
     "cold: last client done (s)",
