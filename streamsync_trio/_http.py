@@ -59,7 +59,7 @@ _PASSTHROUGH_CACHE_MAX = 1024
 # through Quart, hypercorn and h11, so they are bigger than chunks of bytes.  Warm, 8 clients
 # (MB/s, CPU s/GB): 1 MiB 2304, 0.38; 2 MiB 2569, 0.33; 4 MiB 2490, 0.29; 8 MiB 2642, 0.26;
 # 16 MiB 2678, 0.26.  Beyond 4 MiB the gain is within the machine's noise, while each range is
-# a longer shielded send to one client (hypercorn shields its sends, and so does ours).
+# a longer stretch of one client's body before the next turn of its loop.
 FILE_RANGE = 4 * 1024 * 1024
 
 

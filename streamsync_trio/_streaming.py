@@ -383,6 +383,10 @@ class FileRange:
     def fileno(self) -> int:
         return self.fd
 
+    def cached(self, offset: int, count: int) -> bool:
+        """Whether the page cache holds ``[offset, offset + count)`` of the file right now."""
+        return _pages_cached(self.fd, offset, count)
+
     def close(self) -> None:
         """Idempotent."""
         if self.fd >= 0:
@@ -433,8 +437,9 @@ def _pages_cached(fd: int, offset: int, count: int) -> bool:
         ctypes.c_uint(0),
     )
     if result != 0:
-        if ctypes.get_errno() in (errno.ENOSYS, errno.EPERM):
+        if ctypes.get_errno() == errno.ENOSYS:
             _SYS_CACHESTAT = None  # never available in this process; stop asking
+        # Otherwise (EPERM: a file of another owner, or a seccomp filter) for this call only.
         return False
     pages = (offset + count - 1) // _PAGE - offset // _PAGE + 1
     return int(stat.nr_cache) >= pages

@@ -40,15 +40,13 @@ from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.typing import ASGISendEvent
 from hypercorn.utils import suppress_body
 
+from ._errors import RegistryError
 from ._logging import ASGIApp, Message, Receive, Scope, Send
 from ._streaming import FileRange
 
 log = logging.getLogger("streamsync_trio.http")
 
 ZEROCOPYSEND = "http.response.zerocopysend"
-
-# A peer that went away shows up as one of these from sendfile; anything else is the file's.
-_CONNECTION_GONE = {errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN}
 
 
 def with_file_ranges(app: ASGIApp) -> ASGIApp:
@@ -150,7 +148,7 @@ class _H11Protocol(H11Protocol):
 
 
 class _TCPServer(TCPServer):
-    """hypercorn's trio connection, with two changes to how it sends:
+    """hypercorn's trio connection, with two changes to how HTTP/1.1 sends:
 
     * a :class:`FileRange` leaves with ``sendfile(2)``;
     * a send can be cancelled.  hypercorn shields every send, so a client that stops reading
@@ -160,17 +158,20 @@ class _TCPServer(TCPServer):
       the client sees the abort, and no byte can follow a partial write.  Sends are only
       cancelled when the response is being given up anyway (shutdown past its grace period,
       client gone): Quart finishes sending before it cancels a request's tasks.
+
+    HTTP/2 keeps hypercorn's shielded send: there a cancelled stream must not close the
+    connection that every other stream shares.
     """
 
     async def protocol_send(self, event: Event) -> None:
-        if not isinstance(event, RawData):
+        if not isinstance(event, RawData) or not isinstance(self.protocol.protocol, H11Protocol):
             await super().protocol_send(event)
             return
         data = event.data
         try:
             async with self.send_lock:
                 if isinstance(data, FileRange):
-                    await _sendfile(self.stream, data)
+                    await _send_file_range(self.stream, data)
                 else:
                     await self.stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -178,37 +179,82 @@ class _TCPServer(TCPServer):
         except trio.Cancelled:
             await trio.aclose_forcefully(self.stream)
             raise
-        except OSError as exc:
-            if not isinstance(data, FileRange):
-                raise
-            log.error("cache read failed at byte %d of %s: %s", data.offset, data.path, exc)
-            # The body can no longer be completed: closing the connection is how the client
-            # learns that the response is cut short.
-            await super().protocol_send(Closed())
+        except _CacheReadFailed as failure:
+            assert isinstance(data, FileRange)
+            log.error("cache read failed at byte %d of %s: %s", failure.offset, data.path, failure)
+            # Closing the connection is how the client learns that the body is cut short;
+            # the error then ends the response as a failed read does on the other path.
+            await trio.aclose_forcefully(self.stream)
+            raise RegistryError(500, "UNKNOWN", "cache read failed") from None
         finally:
             if isinstance(data, FileRange):
                 data.close()
 
 
-async def _sendfile(stream: Any, file_range: FileRange) -> None:
-    """Send the whole range on a non-blocking trio socket stream, waiting when it is full."""
+class _CacheReadFailed(Exception):
+    def __init__(self, offset: int, why: object) -> None:
+        super().__init__(str(why))
+        self.offset = offset
+
+
+# Errors of the socket, not of the file, from sendfile: the peer is gone or unreachable.
+_SOCKET_ERRORS = {
+    errno.EPIPE,
+    errno.ECONNRESET,
+    errno.ECONNABORTED,
+    errno.ENOTCONN,
+    errno.ESHUTDOWN,
+    errno.ETIMEDOUT,
+    errno.EHOSTUNREACH,
+    errno.ENETUNREACH,
+    errno.EBADF,  # closed by another task (keep-alive timeout, shutdown) meanwhile
+    errno.ENOTSOCK,
+}
+
+# Bytes read in one worker-thread hop when the page cache no longer holds them.
+_READ_PIECE = 1024 * 1024
+
+
+async def _send_file_range(stream: Any, file_range: FileRange) -> None:
+    """Send the whole range on a non-blocking trio socket stream, waiting when it is full.
+
+    The page cache is asked again before every ``sendfile`` call: the body checked it when it
+    made the range, but a slow client may come back for the rest much later, when a cache
+    bigger than memory has evicted those pages, and ``sendfile`` would then wait for the disk
+    inside the event loop.  Evicted pieces are read in a worker thread and sent as bytes.
+    """
     if not isinstance(stream, trio.SocketStream):
         raise TypeError("zero-copy send needs a plain TCP stream")
     await trio.lowlevel.checkpoint_if_cancelled()
     sock = stream.socket
     offset, left = file_range.offset, file_range.count
     while left:
+        if not file_range.cached(offset, left):
+            piece = min(left, _READ_PIECE)
+            try:
+                data = await trio.to_thread.run_sync(os.pread, file_range.fd, piece, offset)
+            except OSError as exc:
+                raise _CacheReadFailed(offset, exc) from exc
+            if not data:
+                raise _CacheReadFailed(offset, "the file ended before the range")
+            await stream.send_all(data)
+            offset += len(data)
+            left -= len(data)
+            continue
+        out = sock.fileno()
+        if out < 0:
+            raise trio.ClosedResourceError("the connection was closed")
         try:
-            sent = os.sendfile(sock.fileno(), file_range.fd, offset, left)
+            sent = os.sendfile(out, file_range.fd, offset, left)
         except BlockingIOError:
             await trio.lowlevel.wait_writable(sock)
             continue
         except OSError as exc:
-            if exc.errno in _CONNECTION_GONE:
+            if exc.errno in _SOCKET_ERRORS:
                 raise trio.BrokenResourceError(str(exc)) from exc
-            raise
+            raise _CacheReadFailed(offset, exc) from exc
         if sent == 0:
-            raise OSError(errno.EIO, "file ended before the range")
+            raise _CacheReadFailed(offset, "the file ended before the range")
         offset += sent
         left -= sent
     await trio.lowlevel.cancel_shielded_checkpoint()

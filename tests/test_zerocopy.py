@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from streamsync_trio import _streaming
-from streamsync_trio._streaming import _pages_cached
+from streamsync_trio._streaming import FileRange, _pages_cached
 
 from .httplab import MiB, fetch, real_time_fake, running_proxy
 
@@ -93,6 +93,32 @@ async def test_bytes_not_in_the_page_cache_are_read_not_sent_from_disk(
         assert meter.sent == 0
 
 
+async def test_bytes_evicted_after_the_body_checked_them_are_read_in_a_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A range is checked when the body makes it and again before every sendfile call: a
+    slow client may come back for the rest after the page cache let those pages go."""
+    fake = real_time_fake()
+    data = os.urandom(9 * MiB)
+    digest = fake.add_blob(data)
+    async with running_proxy(tmp_path, fake) as proxy, httpx.AsyncClient() as client:
+        url = proxy.blob_url(digest)
+        await fetch(client, url)
+        await proxy.wait_stored(digest)
+        meter = SendfileMeter(monkeypatch)
+        server_checks: list[int] = []
+
+        def evicted_since(file_range: FileRange, offset: int, count: int) -> bool:
+            server_checks.append(offset)
+            return False  # the body's own look (the real one) found them cached
+
+        monkeypatch.setattr(FileRange, "cached", evicted_since)
+        _, body = await fetch(client, url)
+        assert body == data
+        assert meter.sent == 0
+        assert len(server_checks) >= 9  # each 1 MiB piece, in each of the three ranges
+
+
 async def test_clients_leaving_mid_sendfile_leave_no_descriptor_behind(
     tmp_path: Path,
 ) -> None:
@@ -120,8 +146,11 @@ async def test_clients_leaving_mid_sendfile_leave_no_descriptor_behind(
 
 def test_page_cache_check_agrees_with_the_kernel(tmp_path: Path) -> None:
     """_pages_cached (cachestat) on a file whose pages the kernel was told to drop and then
-    four of them read back.  The witness, asked last because it starts readahead: a read with
-    RWF_NOWAIT, which the kernel refuses (EAGAIN) when it would have to wait for the disk."""
+    four of them read back, page by page against a witness: a read with RWF_NOWAIT, which the
+    kernel refuses (EAGAIN) when it would have to wait for the disk.  The witness goes last,
+    because a refused read still starts reading that page in, and it counts one way only: a
+    refusal proves the page was not cached, a success may be the witness's own doing (a fast
+    disk can finish that read before the kernel looks again)."""
     path = tmp_path / "blob"
     page = os.sysconf("SC_PAGE_SIZE")
     path.write_bytes(os.urandom(64 * page))
@@ -130,21 +159,26 @@ def test_page_cache_check_agrees_with_the_kernel(tmp_path: Path) -> None:
         assert _pages_cached(fd, 0, 64 * page)  # just written: every page is in memory
         assert _pages_cached(fd, 3, 5 * page)  # unaligned ranges count partial pages
         os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # drop the clean pages
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead: exactly these
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # drop the clean pages
         os.pread(fd, 4 * page, 8 * page)
         seen = [_pages_cached(fd, index * page, page) for index in range(64)]
-        spans = (_pages_cached(fd, 8 * page, 4 * page), _pages_cached(fd, 7 * page, 2 * page))
-        try:
-            dropped = os.preadv(fd, [bytearray(page)], 20 * page, os.RWF_NOWAIT) <= 0
-        except BlockingIOError:
-            dropped = True
-        except OSError:
-            dropped = False  # tmpfs: no RWF_NOWAIT, and its pages are never dropped
-        if dropped:
-            assert seen == [8 <= index < 12 for index in range(64)]
-            assert spans == (True, False)
-        else:
-            assert all(seen)
+        shown = "".join("C" if cached else "." for cached in seen)
+        assert seen[8:12] == [True] * 4, shown
+        assert _pages_cached(fd, 8 * page, 4 * page)
+        assert _pages_cached(fd, 7 * page, 2 * page) == seen[7]
+        witness = []
+        for index in range(64):
+            try:
+                witness.append(os.preadv(fd, [bytearray(page)], index * page, os.RWF_NOWAIT) > 0)
+            except BlockingIOError:
+                witness.append(False)
+            except OSError:
+                # tmpfs: no RWF_NOWAIT, and its pages are never dropped.
+                assert all(seen)
+                return
+        refused = [index for index, cached in enumerate(witness) if not cached]
+        assert refused  # the file system did drop pages
+        assert not any(seen[index] for index in refused), (shown, refused)
     finally:
         os.close(fd)
