@@ -4,6 +4,8 @@ only when the page cache holds them, and without leaking a descriptor when a cli
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -13,7 +15,7 @@ import trio
 from streamsync_trio import _streaming
 from streamsync_trio._streaming import FileRange, _pages_cached
 
-from .httplab import MiB, fetch, real_time_fake, running_proxy
+from .httplab import MiB, Running, fetch, real_time_fake, running_proxy
 
 
 class SendfileMeter:
@@ -31,6 +33,20 @@ class SendfileMeter:
         monkeypatch.setattr(os, "sendfile", counting)
 
 
+@asynccontextmanager
+async def cached_blob(tmp_path: Path, size: int) -> AsyncIterator[tuple[Running, str, bytes]]:
+    """The proxy under hypercorn with one blob of ``size`` random bytes already stored:
+    (proxy, the blob's URL, its bytes)."""
+    fake = real_time_fake()
+    data = os.urandom(size)
+    digest = fake.add_blob(data)
+    async with running_proxy(tmp_path, fake) as proxy:
+        async with httpx.AsyncClient() as client:
+            await fetch(client, proxy.blob_url(digest))
+        await proxy.wait_stored(digest)
+        yield proxy, proxy.blob_url(digest), data
+
+
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
@@ -38,13 +54,11 @@ def open_fds() -> int:
 async def test_a_cached_blob_leaves_by_sendfile_whole_and_in_ranges(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fake = real_time_fake()
-    data = os.urandom(9 * MiB + 123)  # three file ranges, the last one odd-sized
-    digest = fake.add_blob(data)
-    async with running_proxy(tmp_path, fake) as proxy, httpx.AsyncClient() as client:
-        url = proxy.blob_url(digest)
-        await fetch(client, url)
-        await proxy.wait_stored(digest)
+    # Three file ranges, the last one odd-sized.
+    async with (
+        cached_blob(tmp_path, 9 * MiB + 123) as (proxy, url, data),
+        httpx.AsyncClient() as client,
+    ):
         meter = SendfileMeter(monkeypatch)
 
         # Several requests on one kept-alive connection: each ends exactly where h11 expects.
@@ -79,13 +93,7 @@ async def test_bytes_not_in_the_page_cache_are_read_not_sent_from_disk(
 ) -> None:
     """sendfile(2) would wait for the disk inside the event loop; those bytes go the read way
     (a worker thread), and the body is the same."""
-    fake = real_time_fake()
-    data = os.urandom(5 * MiB)
-    digest = fake.add_blob(data)
-    async with running_proxy(tmp_path, fake) as proxy, httpx.AsyncClient() as client:
-        url = proxy.blob_url(digest)
-        await fetch(client, url)
-        await proxy.wait_stored(digest)
+    async with cached_blob(tmp_path, 5 * MiB) as (_, url, data), httpx.AsyncClient() as client:
         meter = SendfileMeter(monkeypatch)
         monkeypatch.setattr(_streaming, "_pages_cached", lambda fd, offset, count: False)
         _, body = await fetch(client, url)
@@ -98,13 +106,7 @@ async def test_bytes_evicted_after_the_body_checked_them_are_read_in_a_thread(
 ) -> None:
     """A range is checked when the body makes it and again before every sendfile call: a
     slow client may come back for the rest after the page cache let those pages go."""
-    fake = real_time_fake()
-    data = os.urandom(9 * MiB)
-    digest = fake.add_blob(data)
-    async with running_proxy(tmp_path, fake) as proxy, httpx.AsyncClient() as client:
-        url = proxy.blob_url(digest)
-        await fetch(client, url)
-        await proxy.wait_stored(digest)
+    async with cached_blob(tmp_path, 9 * MiB) as (_, url, data), httpx.AsyncClient() as client:
         meter = SendfileMeter(monkeypatch)
         server_checks: list[int] = []
 
@@ -122,14 +124,8 @@ async def test_bytes_evicted_after_the_body_checked_them_are_read_in_a_thread(
 async def test_clients_leaving_mid_sendfile_leave_no_descriptor_behind(
     tmp_path: Path,
 ) -> None:
-    fake = real_time_fake()
-    data = os.urandom(32 * MiB)  # more than loopback's socket buffers hold
-    digest = fake.add_blob(data)
-    async with running_proxy(tmp_path, fake) as proxy:
-        url = proxy.blob_url(digest)
-        async with httpx.AsyncClient() as client:
-            await fetch(client, url)
-        await proxy.wait_stored(digest)
+    # More than loopback's socket buffers hold.
+    async with cached_blob(tmp_path, 32 * MiB) as (_, url, data):
         baseline = open_fds()
         for _ in range(5):
             async with httpx.AsyncClient() as client, client.stream("GET", url) as response:
