@@ -17,6 +17,7 @@ A bad configuration exits 2 before any worker starts.
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import logging
 import os
@@ -109,8 +110,10 @@ class _Supervisor:
                 self._spawn()
 
     def _spawn(self) -> None:
+        supervisor = os.getpid()
         pid = os.fork()
         if pid == 0:
+            _stop_with_parent(supervisor)
             os._exit(self._work())
         self._workers[pid] = time.monotonic()
 
@@ -171,6 +174,24 @@ class _Supervisor:
                 deadline = float("inf")
             time.sleep(0.05)
         return status
+
+
+def _stop_with_parent(supervisor: int) -> None:
+    """Have the kernel send this worker SIGTERM when the supervisor dies.
+
+    A supervisor killed outright (``kill -9``, the OOM killer) cannot forward the stop, and
+    orphaned workers would go on serving, holding the port that a restarted service needs.
+    SIGTERM rather than SIGKILL: it reaches hypercorn's trigger, so in-flight responses get
+    their graceful timeout.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log.warning("worker %d will not stop with its supervisor: prctl failed", os.getpid())
+    if os.getppid() != supervisor:
+        os._exit(0)  # the supervisor died before the request took effect
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def _signal(pid: int, signum: int) -> None:

@@ -128,6 +128,41 @@ async def test_serve_replaces_a_killed_worker_and_stops_them_all_on_sigterm(
                 stop(process)
 
 
+async def test_workers_stop_when_their_supervisor_is_killed(tmp_path: Path) -> None:
+    """kill -9 of the supervisor: the kernel tells the workers (parent-death signal), and
+    they stop instead of serving on as orphans that hold the port."""
+    async with serving(FakeRegistry()) as upstream_url:
+        process, url = started(tmp_path, upstream_url, "serve")
+        workers: list[int] = []
+        try:
+            await wait_ready(url, process)
+            workers = child_pids(process.pid)
+            assert len(workers) == 2
+            process.kill()
+            process.wait()
+            with trio.fail_after(15):
+                while not all(ended(pid) for pid in workers):
+                    await trio.sleep(0.05)
+            with pytest.raises(httpx.TransportError):
+                async with httpx.AsyncClient() as client:
+                    await client.get(f"{url}/v2/", timeout=2)
+        finally:
+            for pid in workers:
+                if not ended(pid):
+                    os.kill(pid, signal.SIGKILL)
+            if process.poll() is None:
+                stop(process)
+
+
+def ended(pid: int) -> bool:
+    """Gone, or a zombie waiting for whoever adopted it to reap it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
 async def test_serve_stops_when_its_workers_cannot_start(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     cache.mkdir()
