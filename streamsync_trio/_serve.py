@@ -40,6 +40,12 @@ log = logging.getLogger("streamsync_trio.serve")
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 # A worker that fails this soon after its start is broken, not unlucky: no restart loop.
 _MIN_WORKER_LIFETIME = 2.0
+# Workers that keep dying (the OOM killer at work, say) are replaced ever more slowly: after
+# a second death within _STABLE_LIFETIME of its start, 1 s, then 2, 4, ... up to 30 s, so
+# the supervisor does not fork in a tight loop against whatever kills them.
+_STABLE_LIFETIME = 30.0
+_RESTART_DELAY_FIRST = 1.0
+_RESTART_DELAY_MAX = 30.0
 
 
 async def _until_signalled() -> None:
@@ -95,19 +101,29 @@ class _Supervisor:
         for _ in range(server.workers):
             self._spawn()
         log.info("serving with %d worker processes", server.workers)
-        status = 0
+        restarts: list[float] = []  # when to start a replacement (monotonic)
+        quick_deaths = 0
         while True:
-            received = signal.sigwait(watched)
+            if restarts:
+                info = signal.sigtimedwait(watched, max(0.0, min(restarts) - time.monotonic()))
+                received = None if info is None else info.si_signo
+            else:
+                received = signal.sigwait(watched)
             if received in _STOP_SIGNALS:
-                return self._stop(status)
+                return self._stop(0)
+            for due in [due for due in restarts if due <= time.monotonic()]:
+                restarts.remove(due)
+                self._spawn()
             for pid, code, lifetime in self._reap():
                 if code > 0 and lifetime < _MIN_WORKER_LIFETIME:
                     # Its start failed (say, an unwritable cache): another would fail alike.
                     log.error("worker %d failed at start (exit %d); stopping", pid, code)
                     return self._stop(1)
                 # Killed (the OOM killer, an operator) or failed later: replace it.
-                log.warning("worker %d exited (%d); starting another", pid, code)
-                self._spawn()
+                quick_deaths = quick_deaths + 1 if lifetime < _STABLE_LIFETIME else 0
+                delay = _restart_delay(quick_deaths)
+                log.warning("worker %d exited (%d); starting another in %.0f s", pid, code, delay)
+                restarts.append(time.monotonic() + delay)
 
     def _spawn(self) -> None:
         supervisor = os.getpid()
@@ -174,6 +190,13 @@ class _Supervisor:
                 deadline = float("inf")
             time.sleep(0.05)
         return status
+
+
+def _restart_delay(quick_deaths: int) -> float:
+    """Seconds before replacing a worker, after ``quick_deaths`` short-lived ones in a row."""
+    if quick_deaths <= 1:
+        return 0.0
+    return min(_RESTART_DELAY_MAX, _RESTART_DELAY_FIRST * 2.0 ** (quick_deaths - 2))
 
 
 def _stop_with_parent(supervisor: int) -> None:

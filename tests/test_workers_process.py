@@ -163,6 +163,35 @@ def ended(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] == "Z"
 
 
+async def test_workers_that_keep_dying_are_replaced_ever_more_slowly(tmp_path: Path) -> None:
+    """The first death is replaced at once; a second soon after waits 1 s, a third 2 s."""
+    async with serving(FakeRegistry()) as upstream_url:
+        process, url = started(tmp_path, upstream_url, "serve")
+        try:
+            await wait_ready(url, process)
+            waits = []
+            for _ in range(3):
+                victim, survivor = child_pids(process.pid)
+                os.kill(victim, signal.SIGKILL)
+                killed_at = trio.current_time()
+                with trio.fail_after(15):
+                    while len(now := child_pids(process.pid)) != 2 or victim in now:
+                        await trio.sleep(0.02)
+                waits.append(trio.current_time() - killed_at)
+                assert survivor in now
+            assert waits[0] < 0.9
+            assert 1.0 <= waits[1] < 3.0
+            assert 2.0 <= waits[2] < 5.0
+            log = (tmp_path / "log").read_text()
+            assert "starting another in 0 s" in log
+            assert "starting another in 1 s" in log
+            assert "starting another in 2 s" in log
+            await wait_ready(url, process)  # still serving
+        finally:
+            if process.poll() is None:
+                stop(process)
+
+
 async def test_serve_stops_when_its_workers_cannot_start(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     cache.mkdir()
