@@ -311,8 +311,7 @@ class Subscriber:
             else:
                 await self._guarded(trio.lowlevel.checkpoint)
         except OSError as exc:
-            log.error("cache read failed at byte %d of %s: %s", offset, download.path, exc)
-            raise RegistryError(500, "UNKNOWN", "cache read failed") from None
+            raise cache_read_failed(download.path, offset, exc) from None
         if download.failure is not None:
             raise download.failure
         if not data:
@@ -354,6 +353,13 @@ class Subscriber:
         # (client gone between handler and send) must not leak the file descriptor.
         if self._fd is not None:
             self.close()
+
+
+def cache_read_failed(path: Path, offset: int, why: object) -> RegistryError:
+    """Log a failed read of a cached file, naming the file for the operator, and return the
+    error for the client, which names none."""
+    log.error("cache read failed at byte %d of %s: %s", offset, path, why)
+    return RegistryError(500, "UNKNOWN", "cache read failed")
 
 
 class FileRange:
@@ -410,7 +416,9 @@ class _Cachestat(ctypes.Structure):
 
 # cachestat(2), Linux 6.5+.  451 in the syscall table that every architecture has shared since
 # 5.x; only the two checked here are enabled, an unknown number is not worth guessing.
-_SYS_CACHESTAT = 451 if platform.machine() in ("x86_64", "aarch64") else None
+_SYS_CACHESTAT = (
+    451 if sys.platform == "linux" and platform.machine() in ("x86_64", "aarch64") else None
+)
 _libc_syscall: Callable[..., int] | None = None
 
 
@@ -421,7 +429,7 @@ def _pages_cached(fd: int, offset: int, count: int) -> bool:
     caller then reads, which is always correct, just slower.
     """
     global _SYS_CACHESTAT, _libc_syscall
-    if _SYS_CACHESTAT is None or sys.platform != "linux":
+    if _SYS_CACHESTAT is None:
         return False
     if _libc_syscall is None:
         libc = ctypes.CDLL(None, use_errno=True)

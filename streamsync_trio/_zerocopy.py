@@ -22,7 +22,6 @@ hypercorn is pinned (pyproject.toml), and the tests run these classes under the 
 from __future__ import annotations
 
 import errno
-import logging
 import os
 from collections.abc import Mapping
 from typing import Any, cast
@@ -40,11 +39,8 @@ from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.typing import ASGISendEvent
 from hypercorn.utils import suppress_body
 
-from ._errors import RegistryError
 from ._logging import ASGIApp, Message, Receive, Scope, Send
-from ._streaming import FileRange
-
-log = logging.getLogger("streamsync_trio.http")
+from ._streaming import FileRange, cache_read_failed
 
 ZEROCOPYSEND = "http.response.zerocopysend"
 
@@ -181,11 +177,11 @@ class _TCPServer(TCPServer):
             raise
         except _CacheReadFailed as failure:
             assert isinstance(data, FileRange)
-            log.error("cache read failed at byte %d of %s: %s", failure.offset, data.path, failure)
+            error = cache_read_failed(data.path, failure.offset, failure)
             # Closing the connection is how the client learns that the body is cut short;
             # the error then ends the response as a failed read does on the other path.
             await trio.aclose_forcefully(self.stream)
-            raise RegistryError(500, "UNKNOWN", "cache read failed") from None
+            raise error from None
         finally:
             if isinstance(data, FileRange):
                 data.close()

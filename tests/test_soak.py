@@ -9,23 +9,19 @@ left over: no download, no partial file, no extra file descriptor.
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 from pathlib import Path
 
 import httpx
 import trio
 
+from .corelab import open_fds
 from .fakes import FakeRegistry, Fault
 from .httplab import running_proxy
 
 CLIENTS = 200
 BLOBS = 30
 SEED = 20261128
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 async def test_soak_many_clients_disconnects_and_drops(tmp_path: Path) -> None:

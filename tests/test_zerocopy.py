@@ -15,6 +15,7 @@ import trio
 from streamsync_trio import _streaming
 from streamsync_trio._streaming import FileRange, _pages_cached
 
+from .corelab import open_fds
 from .httplab import MiB, Running, fetch, real_time_fake, running_proxy
 
 
@@ -45,10 +46,6 @@ async def cached_blob(tmp_path: Path, size: int) -> AsyncIterator[tuple[Running,
             await fetch(client, proxy.blob_url(digest))
         await proxy.wait_stored(digest)
         yield proxy, proxy.blob_url(digest), data
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 async def test_a_cached_blob_leaves_by_sendfile_whole_and_in_ranges(
