@@ -24,8 +24,8 @@ MiB = 1024 * 1024
 FOLLOWING = "is owned by another process; following it"
 
 
-async def get_all(url: str, clients: int) -> list[bytes]:
-    """``clients`` GETs at once, each on its own connection (so the kernel spreads them)."""
+async def get_all(url: str, clients: int, stagger: float = 0.0) -> list[bytes]:
+    """``clients`` GETs, each on its own connection, started ``stagger`` seconds apart."""
     bodies: list[bytes] = []
 
     async def one() -> None:
@@ -37,6 +37,7 @@ async def get_all(url: str, clients: int) -> list[bytes]:
     async with trio.open_nursery() as nursery:
         for _ in range(clients):
             nursery.start_soon(one)
+            await trio.sleep(stagger)
     return bodies
 
 
@@ -73,13 +74,16 @@ async def test_two_worker_processes_fetch_each_blob_from_the_upstream_once(
         process, url = started(tmp_path, upstream_url, launcher)
         try:
             await wait_ready(url, process)
-            # Connections go to whichever worker accepts first, so a round may land on one
-            # worker only; new blobs until the log shows one worker following the other.
+            # Connections go to whichever worker accepts first, and a worker that wakes up
+            # takes every connection already waiting: a burst of eight could all land on one
+            # worker, round after round (seen in CI).  Started 50 ms apart, within the 0.65 s
+            # the blob is in flight, each is a fresh chance for the other worker; new blobs
+            # until the log shows one worker following the other.
             requests_made = 0
             for _ in range(8):
                 data = os.urandom(4 * MiB)
                 digest = fake.add_blob(data)
-                bodies = await get_all(f"{url}/v2/library/app/blobs/{digest}", 8)
+                bodies = await get_all(f"{url}/v2/library/app/blobs/{digest}", 8, stagger=0.05)
                 requests_made += 8
                 assert bodies == [data] * 8
                 assert len(fake.blob_gets(digest)) == 1
