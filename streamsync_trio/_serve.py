@@ -48,9 +48,16 @@ _RESTART_DELAY_FIRST = 1.0
 _RESTART_DELAY_MAX = 30.0
 
 
-async def _until_signalled() -> None:
-    """Returns on the first SIGTERM or SIGINT: hypercorn's cue for a graceful shutdown."""
+async def _until_signalled(supervisor: int | None = None) -> None:
+    """Returns on the first SIGTERM or SIGINT: hypercorn's cue for a graceful shutdown.
+
+    In a forked worker, also at once if its ``supervisor`` is already gone: the kernel's
+    parent-death SIGTERM (``_stop_with_parent``) may have come while this worker was still
+    starting and ignored it.  Looked at after the receiver is in place, so no death is missed.
+    """
     with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
+        if supervisor is not None and os.getppid() != supervisor:
+            return
         async for _ in signals:
             return
 
@@ -129,11 +136,11 @@ class _Supervisor:
         supervisor = os.getpid()
         pid = os.fork()
         if pid == 0:
-            _stop_with_parent(supervisor)
-            os._exit(self._work())
+            _stop_with_parent()
+            os._exit(self._work(supervisor))
         self._workers[pid] = time.monotonic()
 
-    def _work(self) -> int:
+    def _work(self, supervisor: int) -> int:
         """The forked worker: hypercorn's trio worker on the inherited sockets."""
         try:
             # Ignored outside the trigger's own receiver, which puts back what it found: a
@@ -149,7 +156,7 @@ class _Supervisor:
                     wrap_app(self._app, self._server.wsgi_max_body_size, None),
                     self._server,
                     sockets=self._sockets,
-                    shutdown_trigger=_until_signalled,
+                    shutdown_trigger=partial(_until_signalled, supervisor),
                 )
             )
             return 0
@@ -199,19 +206,18 @@ def _restart_delay(quick_deaths: int) -> float:
     return min(_RESTART_DELAY_MAX, _RESTART_DELAY_FIRST * 2.0 ** (quick_deaths - 2))
 
 
-def _stop_with_parent(supervisor: int) -> None:
+def _stop_with_parent() -> None:
     """Have the kernel send this worker SIGTERM when the supervisor dies.
 
     A supervisor killed outright (``kill -9``, the OOM killer) cannot forward the stop, and
     orphaned workers would go on serving, holding the port that a restarted service needs.
     SIGTERM rather than SIGKILL: it reaches hypercorn's trigger, so in-flight responses get
-    their graceful timeout.
+    their graceful timeout.  A death before the trigger listens is caught by the trigger
+    itself (``_until_signalled``).
     """
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
         log.warning("worker %d will not stop with its supervisor: prctl failed", os.getpid())
-    if os.getppid() != supervisor:
-        os._exit(0)  # the supervisor died before the request took effect
 
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
