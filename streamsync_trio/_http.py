@@ -38,6 +38,7 @@ from ._manifests import CachedManifest, ManifestService
 from ._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ._metrics import Traffic, render_own
 from ._metrics import render as render_metrics
+from ._negotiation import Accept
 from ._peers import publish_periodically, read_others, withdraw
 from ._ranges import parse_range
 from ._reference import Endpoint, parse_digest, parse_v2_path
@@ -322,7 +323,12 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
         if endpoint.kind == "manifest":
             state().traffic.manifest_requests += 1
             manifest = await state().manifests.get(
-                upstream, target.repo, endpoint.reference, request.headers.get("Accept", "")
+                upstream,
+                target.repo,
+                endpoint.reference,
+                # Every Accept line: clients send one per media type (see _negotiation).
+                Accept.parse(request.headers.getlist("Accept")),
+                head=request.method == "HEAD",
             )
             return _manifest_response(manifest)
         return await _passthrough(state(), upstream, target, endpoint)
@@ -334,12 +340,11 @@ def _manifest_response(manifest: CachedManifest) -> Response:
     headers = {
         "Content-Type": manifest.media_type,
         "Docker-Content-Digest": manifest.digest,
-        "Content-Length": str(len(manifest.body)),
         "ETag": f'"{manifest.digest}"',
     }
-    body = b"" if request.method == "HEAD" else manifest.body
+    body = b"" if request.method == "HEAD" or manifest.body is None else manifest.body
     response = Response(body, headers=headers)
-    response.headers["Content-Length"] = str(len(manifest.body))
+    response.headers["Content-Length"] = str(manifest.size)
     return response
 
 

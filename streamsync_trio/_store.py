@@ -43,6 +43,7 @@ class TagRecord:
     digest: str
     media_type: str
     fetched_at: float  # wall-clock seconds: tag records outlive the process
+    size: int | None = None  # the manifest's length (older records did not keep it)
 
 
 class Store:
@@ -229,16 +230,27 @@ class Store:
     def read_tag(self, upstream: str, repo: str, tag: str) -> TagRecord | None:
         try:
             data = json.loads(self._tag_path(upstream, repo, tag).read_bytes())
+            size = data.get("size")
             return TagRecord(
-                str(data["digest"]), str(data["media_type"]), float(data["fetched_at"])
+                str(data["digest"]),
+                str(data["media_type"]),
+                float(data["fetched_at"]),
+                size if isinstance(size, int) and size >= 0 else None,
             )
         except FileNotFoundError:
             return None
         except (ValueError, KeyError, TypeError):
             return None  # a damaged record is just a cache miss
 
-    def write_tag(self, upstream: str, repo: str, tag: str, digest: str, media_type: str) -> None:
-        record = {"digest": digest, "media_type": media_type, "fetched_at": time.time()}
+    def write_tag(
+        self, upstream: str, repo: str, tag: str, digest: str, media_type: str, size: int
+    ) -> None:
+        record = {
+            "digest": digest,
+            "media_type": media_type,
+            "size": size,
+            "fetched_at": time.time(),
+        }
         _atomic_write(self._tag_path(upstream, repo, tag), json.dumps(record).encode())
 
     # -- repository membership ---------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import email.utils
+import json
 import logging
 import math
 import re
@@ -175,7 +176,7 @@ class Upstream:
         async with self._open(
             "GET", f"/v2/{repo}/manifests/{reference}", repo, request_headers
         ) as response:
-            self._raise_for_status(response, "MANIFEST_UNKNOWN", reference)
+            await self._check(response, "MANIFEST_UNKNOWN", reference)
             declared = response.headers.get("Content-Length")
             if declared is not None and declared.isdigit() and int(declared) > MAX_MANIFEST_BYTES:
                 raise upstream_unavailable(self.name, "manifest larger than 4 MiB")
@@ -211,7 +212,7 @@ class Upstream:
         if offset:
             headers["Range"] = f"bytes={offset}-"
         async with self._open("GET", f"/v2/{repo}/blobs/{digest}", repo, headers) as response:
-            self._raise_for_status(response, "BLOB_UNKNOWN", digest)
+            await self._check(response, "BLOB_UNKNOWN", digest)
             total: int | None = None
             start = 0
             if response.status_code == 206:
@@ -449,33 +450,80 @@ class Upstream:
             raise upstream_unavailable(self.name, "token realm returned no token")
         return token, lifetime
 
-    def _raise_for_status(self, response: httpx.Response, not_found_code: str, what: str) -> None:
-        status = response.status_code
-        if status in (200, 206) or (status < 300 and response.request.method == "HEAD"):
+    async def _check(self, response: httpx.Response, not_found_code: str, what: str) -> None:
+        """``_raise_for_status``, with the upstream's own error code and message when it sent
+        one: a registry explains its 4xx in an OCI error body, and that explanation is what a
+        client (and its operator) needs, not our paraphrase."""
+        if _is_success(response):
             return
+        body = b""
+        if response.request.method != "HEAD":
+            body = await self._error_body(response)
+        self._raise_for_status(response, not_found_code, what, body)
+
+    async def _error_body(self, response: httpx.Response) -> bytes:
+        """At most ``_MAX_ERROR_BODY`` bytes of an error response; a transport failure while
+        reading it only costs the explanation, never the status."""
+        body = bytearray()
+        try:
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) >= _MAX_ERROR_BODY:
+                    break
+        except httpx.HTTPError:
+            pass
+        return bytes(body[:_MAX_ERROR_BODY])
+
+    def _raise_for_status(
+        self, response: httpx.Response, not_found_code: str, what: str, body: bytes = b""
+    ) -> None:
+        if _is_success(response):
+            return
+        status = response.status_code
         # Passed on as whole seconds, whatever form the upstream used (an HTTP-date too), so
         # clients and the producer's retry both read one format.
         wait = parse_retry_after(response.headers.get("Retry-After"))
         extra = {"Retry-After": str(math.ceil(wait))} if wait is not None else {}
+        said = upstream_error_detail(body)
+        code = said[0] if said is not None else None
+        reason = f": {said[1]}" if said is not None and said[1] else ""
         if status == 404:
-            raise RegistryError(404, not_found_code, f"{what} not found upstream at {self.name}")
+            raise RegistryError(
+                404,
+                code or not_found_code,
+                f"{what} not found at upstream {self.name}{reason}",
+            )
         if status in (401, 403):
             raise RegistryError(
                 401 if status == 401 else 403,
                 "UNAUTHORIZED" if status == 401 else "DENIED",
-                f"upstream {self.name} refused access ({status})",
+                f"upstream {self.name} refused access ({status}){reason}",
             )
         if status == 429:
             raise RegistryError(
-                429, "TOOMANYREQUESTS", f"upstream {self.name} is rate limiting", headers=extra
+                429,
+                "TOOMANYREQUESTS",
+                f"upstream {self.name} is rate limiting{reason}",
+                headers=extra,
+            )
+        if 400 <= status < 500:
+            # The upstream's judgement of the request, passed on as it was made: a 400
+            # MANIFEST_INVALID stays a 400, so a client is not sent retrying a 502.
+            raise RegistryError(
+                status,
+                code or _CODE_FOR_STATUS.get(status, "UNKNOWN"),
+                f"upstream {self.name} answered {status}{reason}",
             )
         if status == 503:
             raise RegistryError(
-                503, "UNAVAILABLE", f"upstream {self.name} is unavailable (503)", headers=extra
+                503,
+                "UNAVAILABLE",
+                f"upstream {self.name} is unavailable (503){reason}",
+                headers=extra,
             )
         if status == 504:
             raise upstream_timeout(self.name, "gateway timeout (504)")
-        raise upstream_unavailable(self.name, f"unexpected status {status}")
+        raise upstream_unavailable(self.name, f"unexpected status {status}{reason}")
 
     def _transport_error(self, exc: httpx.HTTPError) -> RegistryError:
         # str(exc) of httpx errors names the URL but never headers, so no secret leaks here.
@@ -485,6 +533,48 @@ class Upstream:
         if isinstance(exc, httpx.ConnectError):
             return upstream_unavailable(self.name, "cannot connect")
         return upstream_unavailable(self.name, f"{type(exc).__name__}: {exc}")
+
+
+_MAX_ERROR_BODY = 16 * 1024  # an OCI error document is a few hundred bytes
+_MAX_ERROR_MESSAGE = 200
+_ERROR_CODE_RE = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
+_CODE_FOR_STATUS = {
+    400: "UNSUPPORTED",
+    405: "UNSUPPORTED",
+    406: "UNSUPPORTED",
+    410: "NAME_UNKNOWN",
+    413: "SIZE_INVALID",
+    416: "RANGE_INVALID",
+}
+
+
+def _is_success(response: httpx.Response) -> bool:
+    status = response.status_code
+    return status in (200, 206) or (status < 300 and response.request.method == "HEAD")
+
+
+def upstream_error_detail(body: bytes) -> tuple[str | None, str] | None:
+    """The first (code, message) of an OCI error document, made safe to repeat.
+
+    The code is kept only when it looks like one (upper-case identifier), and the message is
+    cut to one short line of printable text: both end up in our own JSON and in logs, and an
+    upstream must not be able to put anything else there.
+    """
+    try:
+        document = json.loads(body)
+        first = document["errors"][0]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+    if not isinstance(first, dict):
+        return None
+    code = first.get("code")
+    message = first.get("message")
+    safe_code = code if isinstance(code, str) and _ERROR_CODE_RE.fullmatch(code) else None
+    text = message if isinstance(message, str) else ""
+    text = "".join(ch if ch.isprintable() else " " for ch in text)[:_MAX_ERROR_MESSAGE].strip()
+    if safe_code is None and not text:
+        return None
+    return safe_code, text
 
 
 def _media_type(response: httpx.Response) -> str:

@@ -179,6 +179,51 @@ async def test_manifest_accept_reaches_the_upstream_and_the_type_comes_back(
     assert fake.manifest_requests()[0].headers["Accept"] == DOCKER_V2
 
 
+async def test_every_accept_line_reaches_the_upstream(tmp_path: Path) -> None:
+    """containers/image and Docker send one Accept line per media type; Distribution answers
+    404 to an OCI manifest request that lists Docker types only, so losing all lines but the
+    first made podman and docker fail on OCI images."""
+    fake = FakeRegistry()
+    fake.add_manifest(REPO, "1", MANIFEST)
+    async with serving(tmp_path, fake) as proxy:
+        lines = Headers([("Accept", DOCKER_V2), ("Accept", f"{OCI_MANIFEST}; q=0.5")])
+        response = await proxy.get(f"/v2/{REPO}/manifests/1", headers=lines)
+    assert response.status == 200
+    assert response.headers["Content-Type"] == OCI_MANIFEST
+    (request,) = fake.manifest_requests()
+    assert request.headers.get_list("Accept", split_commas=True) == [
+        DOCKER_V2,
+        f"{OCI_MANIFEST}; q=0.5",
+    ]
+
+
+async def test_a_head_by_tag_costs_no_upstream_get(tmp_path: Path) -> None:
+    """Docker Hub counts manifest GETs against the pull limit, not HEADs."""
+    async with serving(tmp_path) as proxy:
+        head = await proxy.head(f"/v2/{REPO}/manifests/1")
+        assert head.status == 200
+        assert head.headers["Docker-Content-Digest"] == digest_of(MANIFEST)
+        assert head.headers["Content-Length"] == str(len(MANIFEST))
+        assert head.headers["Content-Type"] == OCI_MANIFEST
+        assert (len(proxy.fake.manifest_requests("HEAD")), len(proxy.fake.manifest_requests())) == (
+            1,
+            0,
+        )
+        got = await proxy.get(f"/v2/{REPO}/manifests/1")
+        assert got.body == MANIFEST
+        # The body by digest, once; the tag was not asked again.
+        [get] = proxy.fake.manifest_requests()
+        assert get.url.path.endswith(digest_of(MANIFEST))
+
+
+async def test_an_upstream_404_keeps_its_code_and_reason(tmp_path: Path) -> None:
+    async with serving(tmp_path) as proxy:
+        answer = await proxy.get("/v2/library/other/manifests/1")
+    error = assert_oci_error(answer, 404, "MANIFEST_UNKNOWN")
+    assert "manifest_unknown" in error["message"]  # the fake's own message
+    assert UPSTREAM in error["message"]
+
+
 @pytest.mark.parametrize("query", ["?ns=registry.fake.test", ""], ids=["containerd ns", "prefix"])
 async def test_manifest_by_ns_or_prefix(tmp_path: Path, query: str) -> None:
     path = f"/v2/{REPO}/manifests/1{query}" if query else f"/v2/{UPSTREAM}/{REPO}/manifests/1"

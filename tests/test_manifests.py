@@ -24,9 +24,9 @@ import trio.testing
 from streamsync_trio import RegistryError, UpstreamConfig
 from streamsync_trio._manifests import (
     DEFAULT_ACCEPT,
+    Accept,
     CachedManifest,
     ManifestService,
-    accepted_types,
     referenced_digests,
 )
 from streamsync_trio._reference import Digest, parse_digest
@@ -76,12 +76,19 @@ class Lab:
     upstream: Upstream
     nursery: trio.Nursery
 
-    async def get(self, reference: str = "1", accept: str = "") -> CachedManifest:
-        return await self.service.get(self.upstream, REPO, reference, accept)
+    async def get(
+        self, reference: str = "1", accept: str | list[str] = "", *, head: bool = False
+    ) -> CachedManifest:
+        lines = [accept] if isinstance(accept, str) else accept
+        return await self.service.get(
+            self.upstream, REPO, reference, Accept.parse(lines), head=head
+        )
 
-    async def fails(self, reference: str = "1", accept: str = "") -> RegistryError:
+    async def fails(
+        self, reference: str = "1", accept: str | list[str] = "", *, head: bool = False
+    ) -> RegistryError:
         with pytest.raises(RegistryError) as error:
-            await self.get(reference, accept)
+            await self.get(reference, accept, head=head)
         return error.value
 
     def counts(self) -> tuple[int, int]:
@@ -130,7 +137,7 @@ async def test_tag_is_fetched_once_then_served_from_cache(tmp_path: Path) -> Non
         results = [await lab.get() for _ in range(3)]
         assert lab.counts() == (1, 0)
         assert lab.service.upstream_fetches == 1
-    assert results == [CachedManifest(V1, OCI_MANIFEST, digest_of(V1))] * 3
+    assert results == [CachedManifest.of(V1, OCI_MANIFEST, digest_of(V1))] * 3
     assert lab.store.read_manifest(parse_digest(digest_of(V1))) == (V1, OCI_MANIFEST)
     record = lab.store.read_tag(HOST, REPO, "1")
     assert record is not None and (record.digest, record.media_type) == (
@@ -226,7 +233,7 @@ async def test_digest_is_fetched_once_and_cached_forever(tmp_path: Path, wall: W
     async with open_lab(tmp_path, tag_ttl=0) as lab:
         digest = lab.fake.add_manifest(REPO, "1", V1)
         first = await lab.get(digest)
-        assert first == CachedManifest(V1, OCI_MANIFEST, digest)
+        assert first == CachedManifest.of(V1, OCI_MANIFEST, digest)
         assert lab.fake.manifest_requests()[0].url.path == f"/v2/{REPO}/manifests/{digest}"
         wall.now += 10 * 365 * 86400
         lab.fake.down = True
@@ -347,7 +354,7 @@ async def test_concurrent_requests_share_one_upstream_fetch(tmp_path: Path, by: 
         async with trio.open_nursery() as nursery:
             for _ in range(10):
                 nursery.start_soon(one)
-    assert results == [CachedManifest(V1, OCI_MANIFEST, digest)] * 10
+    assert results == [CachedManifest.of(V1, OCI_MANIFEST, digest)] * 10
     assert lab.counts() == (1, 0)
 
 
@@ -450,7 +457,7 @@ async def test_a_narrow_accept_does_not_change_what_other_clients_get(tmp_path: 
     ],
 )
 def test_accepted_types(accept: str, expected: frozenset[str] | None) -> None:
-    assert accepted_types(accept) == expected
+    assert Accept.parse([accept]).types == expected
 
 
 # -- links to referenced content ----------------------------------------------------------------

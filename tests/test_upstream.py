@@ -512,7 +512,6 @@ STATUS_CASES: list[tuple[str, int, dict[str, str], int, str, dict[str, str]]] = 
     ("500", 500, {}, 502, "UNAVAILABLE", {}),
     ("502", 502, {}, 502, "UNAVAILABLE", {}),
     ("504", 504, {}, 504, "UNAVAILABLE", {}),
-    ("418", 418, {}, 502, "UNAVAILABLE", {}),
 ]
 
 
@@ -549,6 +548,63 @@ async def test_upstream_status_mapping(
     assert (error.value.status, error.value.code, error.value.headers) == (status, code, headers)
     assert HOST in error.value.message  # the client learns which upstream failed
     assert len(seen) == 1  # no retry without a usable challenge
+
+
+def explaining(status: int, code: object, message: object) -> httpx.MockTransport:
+    """An upstream answering every request with ``status`` and one OCI error."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(status, json={"errors": [{"code": code, "message": message}]})
+
+    return httpx.MockTransport(handler)
+
+
+@pytest.mark.parametrize("operation", OPERATIONS)
+@pytest.mark.parametrize(
+    ("upstream_status", "upstream_code", "code_for_head"),
+    [
+        (404, "NAME_UNKNOWN", None),
+        (400, "MANIFEST_INVALID", "UNSUPPORTED"),
+        (418, "TEAPOT", "UNKNOWN"),
+        (410, "GONE", "NAME_UNKNOWN"),
+    ],
+)
+async def test_an_upstream_4xx_keeps_its_status_code_and_message(
+    operation: str, upstream_status: int, upstream_code: str, code_for_head: str | None
+) -> None:
+    """A registry explains its 4xx in an error body; the client gets that explanation, with
+    the same status, instead of a 502 that sends it retrying (HEAD answers carry no body, so
+    there the status decides the code)."""
+    transport = explaining(upstream_status, upstream_code, "the reason, from upstream")
+    async with open_upstream(transport) as upstream:
+        with pytest.raises(RegistryError) as error:
+            await OPERATIONS[operation][0](upstream)
+    head = operation.endswith("HEAD")
+    expected_code = (code_for_head or OPERATIONS[operation][1]) if head else upstream_code
+    assert (error.value.status, error.value.code) == (upstream_status, expected_code)
+    assert HOST in error.value.message
+    assert ("the reason, from upstream" in error.value.message) is not head
+
+
+@pytest.mark.parametrize(
+    ("code", "message", "expected_code", "expected_text"),
+    [
+        ("lower_case", "fine", "MANIFEST_UNKNOWN", "fine"),
+        (["NOT", "A", "STRING"], 7, "MANIFEST_UNKNOWN", None),
+        ("A" * 65, "x\r\nInjected: header\x00" + "y" * 500, "MANIFEST_UNKNOWN", "x  Injected"),
+    ],
+)
+async def test_what_an_upstream_error_may_put_in_ours_is_bounded(
+    code: object, message: object, expected_code: str, expected_text: str | None
+) -> None:
+    async with open_upstream(explaining(404, code, message)) as upstream:
+        with pytest.raises(RegistryError) as error:
+            await op_get_manifest(upstream)
+    assert error.value.code == expected_code
+    assert len(error.value.message) < 300
+    assert all(ch.isprintable() for ch in error.value.message)
+    if expected_text is not None:
+        assert expected_text in error.value.message
 
 
 @pytest.mark.parametrize("operation", OPERATIONS)
