@@ -23,8 +23,9 @@ def free_port() -> int:
 
 
 def write_config(path: Path, cache: Path, upstream_url: str, **upstream: object) -> Path:
-    """A config with one default upstream; its name is the URL's host:port."""
-    name = upstream_url.split("://", 1)[1]
+    """A config with one default upstream; its name is ``name=`` (``"docker.io"``, say),
+    else the URL's host:port; other keywords are upstream settings."""
+    name = str(upstream.pop("name", upstream_url.split("://", 1)[1]))
     lines = [
         f'[storage]\nroot = "{cache}"\n[[upstream]]\nname = "{name}"',
         f'url = "{upstream_url}"\ndefault = true',
