@@ -40,6 +40,10 @@ class UpstreamConfig:
     max_retries: int = 5  # resumptions of one blob download before its clients see the error
     max_concurrent: int = 8  # upstream requests in flight at once (a blob holds one throughout)
     max_queue: int = 256  # requests waiting for a slot; beyond that clients get 429
+    # A whole manifest, token or listing response, queueing included: read_timeout only
+    # bounds the gap between bytes, and a document dripping a byte at a time must not hold
+    # its slot (or its client) for ever.
+    document_timeout: float = 30.0
     # Docker Hub stores official images under ``library/``; clients send bare ``alpine``.
     implicit_library: bool = False
 
@@ -280,6 +284,7 @@ def _parse_upstream(raw: Any, index: int) -> UpstreamConfig:
         max_retries=table.get("max_retries", int, 5),
         max_concurrent=table.get("max_concurrent", int, 8),
         max_queue=table.get("max_queue", int, 256),
+        document_timeout=table.positive_number("document_timeout", 30.0),
         implicit_library=table.get("implicit_library", bool, name == "docker.io"),
     )
     if not math.isfinite(upstream.tag_ttl) or upstream.tag_ttl < 0:

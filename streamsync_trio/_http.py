@@ -262,6 +262,10 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
 
     @app.errorhandler(RegistryError)
     async def registry_error(error: RegistryError) -> Response:
+        if error.status == 401 and "WWW-Authenticate" not in error.headers:
+            # RFC 7235: every 401 carries a challenge.  When the upstream refused us, the
+            # client can do nothing with it but show it; that is still the honest answer.
+            error.headers["WWW-Authenticate"] = f'Basic realm="{config.auth_realm}"'
         return _error_response(error)
 
     @app.errorhandler(Exception)

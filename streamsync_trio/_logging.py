@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -79,8 +80,28 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(document, default=str)
 
 
+_URL_QUERY_RE = re.compile(r"(https?://[^\s'\"?]*)\?[^\s'\">]*")
+
+
+class RedactURLQueries(logging.Filter):
+    """Cut the query off every absolute URL a log line contains, at every level.
+
+    Blob downloads are redirected to signed CDN or S3 URLs whose query is a credential until
+    it expires; httpx and httpcore name such URLs when they log.  Request paths in our own
+    access log are relative, so their queries (``?ns=``) stay.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = _URL_QUERY_RE.sub(r"\1?<redacted>", message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
 def configure(format: str, level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RedactURLQueries())
     handler.setFormatter(JSONFormatter() if format == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

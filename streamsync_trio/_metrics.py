@@ -138,10 +138,23 @@ class ProxyCollector(Collector):
             "Time from sending a request to an upstream to having its response headers",
             labels=["upstream"],
         )
+        tokens = CounterMetricFamily(
+            "streamsync_upstream_token_requests",
+            "Requests to each upstream's token server by outcome (HTTP status or failure)",
+            labels=["upstream", "outcome"],
+        )
+        redirects = CounterMetricFamily(
+            "streamsync_upstream_redirects",
+            "Redirect hops followed from each upstream (to its CDN or object storage)",
+            labels=["upstream"],
+        )
         for name, upstream in state.upstreams.items():
             calls = upstream.stats
             for outcome, count in calls.requests.items():
                 requests.add_metric([name, outcome], count)
+            for outcome, count in calls.token_requests.items():
+                tokens.add_metric([name, outcome], count)
+            redirects.add_metric([name], calls.redirects)
             buckets = [
                 (str(bound), float(count))
                 for bound, count in zip(LATENCY_BUCKETS, calls.latency_buckets, strict=True)
@@ -149,6 +162,8 @@ class ProxyCollector(Collector):
             buckets.append(("+Inf", float(calls.latency_count)))
             latency.add_metric([name], buckets, calls.latency_sum)
         yield requests
+        yield tokens
+        yield redirects
         yield latency
 
         usage = state.store.usage()

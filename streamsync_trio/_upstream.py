@@ -20,8 +20,9 @@ import logging
 import math
 import re
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import zlib
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -40,6 +41,15 @@ _TOKEN_EXPIRY_MARGIN = 10.0  # renew this many seconds early so a token never di
 _DEFAULT_TOKEN_LIFETIME = 60.0  # the token spec's default for a missing expires_in
 _DEFAULT_RATE_LIMIT_PAUSE = 2.0  # a 429 without Retry-After still means "not now"
 _MAX_COOLDOWN = 300.0  # never trust a Retry-After to silence an upstream for longer
+# A token response is a small JSON document; Docker Hub's are about 2 KB.  Bigger tokens
+# would be re-sent as a header on every request, and most servers refuse headers over 8-16 KB.
+MAX_TOKEN_RESPONSE = 64 * 1024
+MAX_TOKEN = 16 * 1024
+# How long a refusal is remembered, so a wrong password or a denied repository costs the
+# upstream one exchange per this many seconds instead of one per client request (lockouts,
+# rate limits).  Short, because access can be granted at any moment.
+_DENIAL_MEMORY = 15.0
+_MAX_REMEMBERED_DENIALS = 1024
 
 _CHALLENGE_PARAM_RE = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
 
@@ -90,6 +100,9 @@ class UpstreamStats:
     latency_buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
     latency_count: int = 0
     latency_sum: float = 0.0
+    # requests to the token realm by outcome, and redirect hops followed (a CDN, S3)
+    token_requests: dict[str, int] = field(default_factory=dict)
+    redirects: int = 0
 
     def count(self, outcome: str) -> None:
         self.requests[outcome] = self.requests.get(outcome, 0) + 1
@@ -150,9 +163,14 @@ class Upstream:
             base_url=config.url,
             timeout=timeout,
             follow_redirects=True,
-            # Every in-flight blob holds a connection for its whole transfer.
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
-            headers={"User-Agent": USER_AGENT},
+            # Every in-flight blob holds a connection for its whole transfer; documents and
+            # tokens have slots of their own beside them.
+            limits=httpx.Limits(
+                max_connections=2 * config.max_concurrent + 4, max_keepalive_connections=16
+            ),
+            # Compression gains a proxy nothing (blobs are compressed already, manifests are
+            # small) and a compressed body can expand a thousandfold: ask for identity.
+            headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
             transport=transport,
             http2=False,
         )
@@ -160,9 +178,16 @@ class Upstream:
         self._basic_required = False
         self._token_locks: dict[str, trio.Lock] = {}
         # A blob download holds its slot for the whole transfer: the cap bounds upstream
-        # connections, the queue bounds how many requests may wait for one.
-        self._slots = trio.Semaphore(config.max_concurrent)
+        # connections, the queue bounds how many requests may wait for one.  Manifests,
+        # tokens and listings have slots of their own, so eight large layers in flight never
+        # make a pull wait for its next manifest.
+        self._slots = {
+            "blob": trio.Semaphore(config.max_concurrent),
+            "document": trio.Semaphore(config.max_concurrent),
+        }
         self._queued = 0
+        self._denied: dict[str, tuple[float, RegistryError]] = {}
+        self._origin = _origin(httpx.URL(config.url))
         self._cooldown_until = -math.inf
         self.stats = UpstreamStats()
 
@@ -173,6 +198,12 @@ class Upstream:
 
     async def get_manifest(self, repo: str, reference: str, accept: str) -> Manifest:
         request_headers = {"Accept": accept}
+        with self._deadline("manifest"):
+            return await self._get_manifest(repo, reference, request_headers)
+
+    async def _get_manifest(
+        self, repo: str, reference: str, request_headers: dict[str, str]
+    ) -> Manifest:
         async with self._open(
             "GET", f"/v2/{repo}/manifests/{reference}", repo, request_headers
         ) as response:
@@ -188,6 +219,10 @@ class Upstream:
             )
 
     async def head_manifest(self, repo: str, reference: str, accept: str) -> ManifestHead:
+        with self._deadline("manifest HEAD"):
+            return await self._head_manifest(repo, reference, accept)
+
+    async def _head_manifest(self, repo: str, reference: str, accept: str) -> ManifestHead:
         async with self._open(
             "HEAD", f"/v2/{repo}/manifests/{reference}", repo, {"Accept": accept}
         ) as response:
@@ -200,10 +235,11 @@ class Upstream:
             )
 
     async def head_blob(self, repo: str, digest: str) -> int | None:
-        async with self._open("HEAD", f"/v2/{repo}/blobs/{digest}", repo, {}) as response:
-            self._raise_for_status(response, "BLOB_UNKNOWN", digest)
-            length = response.headers.get("Content-Length")
-            return int(length) if length and length.isdigit() else None
+        with self._deadline("blob HEAD"):
+            async with self._open("HEAD", f"/v2/{repo}/blobs/{digest}", repo, {}) as response:
+                self._raise_for_status(response, "BLOB_UNKNOWN", digest)
+                length = response.headers.get("Content-Length")
+                return int(length) if length and length.isdigit() else None
 
     @asynccontextmanager
     async def open_blob(self, repo: str, digest: str, offset: int = 0) -> AsyncIterator[BlobStream]:
@@ -211,7 +247,9 @@ class Upstream:
         headers = {"Accept-Encoding": "identity"}
         if offset:
             headers["Range"] = f"bytes={offset}-"
-        async with self._open("GET", f"/v2/{repo}/blobs/{digest}", repo, headers) as response:
+        async with self._open(
+            "GET", f"/v2/{repo}/blobs/{digest}", repo, headers, kind="blob"
+        ) as response:
             await self._check(response, "BLOB_UNKNOWN", digest)
             total: int | None = None
             start = 0
@@ -228,28 +266,53 @@ class Upstream:
                 total = int(length) if length and length.isdigit() else None
             yield BlobStream(total, start, self._raw_chunks(response))
 
-    async def passthrough(self, repo: str, path: str, params: dict[str, str]) -> Passthrough:
-        """GET a small JSON endpoint (tags/list, referrers) and return it as the upstream said."""
-        async with self._open("GET", path, repo, {"Accept": "application/json, */*"}, params) as r:
-            if r.status_code >= 500 or r.status_code in (401, 403, 429):
-                self._raise_for_status(r, "NAME_UNKNOWN", repo)
-            body = await self._small_body(r, "response")
-            headers = {"Content-Type": r.headers.get("Content-Type", "application/json")}
-            if "Link" in r.headers:
-                headers["Link"] = r.headers["Link"]
-            return Passthrough(r.status_code, body, headers)
+    async def passthrough(
+        self,
+        repo: str,
+        path: str,
+        params: dict[str, str],
+        accept: str = "application/json",
+    ) -> Passthrough:
+        """GET one page of a small JSON listing (tags/list, referrers), unparsed.
+
+        A 200 or a 404 is an answer (``_listings`` parses it, and a 404 may say "no such
+        repository" or "no referrers API here", which the client must hear as 404); any
+        other status is an error mapped as for every request.  Only the headers the
+        listing needs come back: its ``Content-Type`` and its pagination ``Link``.
+        """
+        with self._deadline("listing page"):
+            async with self._open("GET", path, repo, {"Accept": accept}, params) as r:
+                if r.status_code not in (200, 404):
+                    await self._check(r, "NAME_UNKNOWN", repo)  # raises for any error status
+                    raise upstream_unavailable(self.name, f"listing answered {r.status_code}")
+                body = await self._small_body(r, "response")
+                headers = {"Content-Type": r.headers.get("Content-Type", "application/json")}
+                if "Link" in r.headers:
+                    headers["Link"] = ", ".join(r.headers.get_list("Link"))
+                return Passthrough(r.status_code, body, headers)
 
     # -- plumbing ----------------------------------------------------------------------------
 
     async def _small_body(self, response: httpx.Response, what: str) -> bytes:
         """Read a JSON-sized body whole, refusing more than 4 MiB (a hostile upstream could
-        otherwise make us buffer anything)."""
+        otherwise make us buffer anything).
+
+        We ask for identity, but an upstream may compress anyway; then the body is inflated
+        here, never more than the limit at a time (httpx would inflate a whole received
+        piece at once: 64 KiB of a gzip bomb is 64 MiB), and any other encoding is refused.
+        """
+        inflate = _bounded_decoder(response.headers.get("Content-Encoding", ""))
+        if response.is_stream_consumed:
+            # An in-memory response (an httpx mock transport) comes already read and decoded.
+            inflate = _bounded_decoder("identity")
+        if inflate is None:
+            raise upstream_unavailable(self.name, f"{what} in an unsupported Content-Encoding")
         body = bytearray()
         try:
-            chunks = response.aiter_bytes()
+            chunks = _received(response)
             try:
                 async for chunk in chunks:
-                    body += chunk
+                    body += inflate(chunk, MAX_MANIFEST_BYTES + 1 - len(body))
                     if len(body) > MAX_MANIFEST_BYTES:
                         raise upstream_unavailable(self.name, f"{what} larger than 4 MiB")
             finally:
@@ -260,6 +323,8 @@ class Upstream:
                     await close()
         except httpx.HTTPError as exc:
             raise self._transport_error(exc) from exc
+        except zlib.error:
+            raise upstream_unavailable(self.name, f"{what}: corrupt compressed body") from None
         return bytes(body)
 
     async def _raw_chunks(self, response: httpx.Response) -> AsyncIterator[bytes]:
@@ -270,6 +335,18 @@ class Upstream:
         except httpx.HTTPError as exc:
             raise self._transport_error(exc) from exc
 
+    @contextmanager
+    def _deadline(self, what: str) -> Iterator[None]:
+        """Bound a whole small exchange, queueing included: ``read_timeout`` only bounds the
+        gap between bytes, so a document dripping one byte at a time would otherwise hold
+        its slot, and its client, for ever."""
+        timeout = self.config.document_timeout
+        with trio.move_on_after(timeout) as deadline:
+            yield
+        if deadline.cancelled_caught:
+            self.stats.count("timeout")
+            raise upstream_timeout(self.name, f"{what} took longer than {timeout:g}s")
+
     @asynccontextmanager
     async def _open(
         self,
@@ -278,9 +355,13 @@ class Upstream:
         repo: str,
         headers: dict[str, str],
         params: dict[str, str] | None = None,
+        *,
+        kind: str = "document",
     ) -> AsyncIterator[httpx.Response]:
         """One upstream exchange, within the upstream's concurrency cap and cool-down."""
         self._refuse_while_cooling_down()
+        scope = f"repository:{repo}:pull"
+        self._refuse_remembered_denial(scope)
         if self._queued >= self.config.max_queue:
             self.stats.count("queue_full")
             raise RegistryError(
@@ -289,29 +370,92 @@ class Upstream:
                 f"too many requests queued for upstream {self.name}",
                 headers={"Retry-After": "1"},
             )
+        slots = self._slots[kind]
         self._queued += 1
         try:
-            await self._slots.acquire()
+            await slots.acquire()
         finally:
             self._queued -= 1
         try:
             # The upstream may have asked us to back off while we queued.
             self._refuse_while_cooling_down()
-            scope = f"repository:{repo}:pull"
             response = await self._send(method, path, scope, headers, params)
             if response.status_code == 401:
-                challenge = parse_challenge(response.headers.get("WWW-Authenticate", ""))
-                await response.aclose()
-                self._forget_rejected_token(scope, response.request)
-                if challenge is not None and await self._authenticate(challenge, scope):
-                    response = await self._send(method, path, scope, headers, params)
+                response = await self._answer_challenge(
+                    response, method, path, scope, headers, params
+                )
             try:
                 self._note_backoff_request(response)
+                self._remember_denial(scope, response)
                 yield response
             finally:
                 await response.aclose()
         finally:
-            self._slots.release()
+            slots.release()
+
+    async def _answer_challenge(
+        self,
+        response: httpx.Response,
+        method: str,
+        path: str,
+        scope: str,
+        headers: dict[str, str],
+        params: dict[str, str] | None,
+    ) -> httpx.Response:
+        """Authenticate after a 401 and send again, if the 401 came from the upstream itself.
+
+        Credentials go only to the upstream and to the token realm its own challenge names.
+        A 401 from a host a redirect led to (a CDN, a bucket) names a realm we have no reason
+        to trust: answering it would hand the upstream's password to whoever that host
+        chose, so it is an error, sent nowhere.
+        """
+        await response.aclose()
+        if _origin(response.url) != self._origin:
+            host = response.url.host
+            raise upstream_unavailable(
+                self.name,
+                f"{host}, where it redirected us, refused access (401); "
+                "no credentials are sent there",
+            )
+        challenge = parse_challenge(response.headers.get("WWW-Authenticate", ""))
+        self._forget_rejected_token(scope, response.request)
+        if challenge is not None and await self._authenticate(challenge, scope):
+            return await self._send(method, path, scope, headers, params)
+        return response
+
+    def _refuse_remembered_denial(self, scope: str) -> None:
+        remembered = self._denied.get(scope)
+        if remembered is None:
+            return
+        until, error = remembered
+        if until <= trio.current_time():
+            del self._denied[scope]
+            return
+        self.stats.count("denial_remembered")
+        raise RegistryError(error.status, error.code, error.message, headers=error.headers)
+
+    def _remember_denial(self, scope: str, response: httpx.Response) -> None:
+        """After authenticating, the upstream still refuses: remember that briefly.  (A
+        refusal from a redirect target, such as an expired signed URL, says nothing about
+        the repository.)"""
+        if response.status_code not in (401, 403) or _origin(response.url) != self._origin:
+            return
+        status = response.status_code
+        error = RegistryError(
+            status,
+            "UNAUTHORIZED" if status == 401 else "DENIED",
+            f"upstream {self.name} refused access ({status}); "
+            f"not asked again for {_DENIAL_MEMORY:g}s",
+        )
+        self._remember(scope, error)
+
+    def _remember(self, key: str, error: RegistryError) -> None:
+        now = trio.current_time()
+        if len(self._denied) >= _MAX_REMEMBERED_DENIALS:
+            self._denied = {k: v for k, v in self._denied.items() if v[0] > now}
+            while len(self._denied) >= _MAX_REMEMBERED_DENIALS:
+                del self._denied[next(iter(self._denied))]
+        self._denied[key] = (now + _DENIAL_MEMORY, error)
 
     def _refuse_while_cooling_down(self) -> None:
         remaining = self._cooldown_until - trio.current_time()
@@ -371,6 +515,7 @@ class Upstream:
             raise error from exc
         self.stats.observe(trio.current_time() - started)
         self.stats.count(str(response.status_code))
+        self.stats.redirects += len(response.history)
         return response
 
     def _forget_rejected_token(self, scope: str, request: httpx.Request) -> None:
@@ -419,6 +564,9 @@ class Upstream:
         realm = challenge.params["realm"]
         if urlsplit(realm).scheme not in ("http", "https"):
             raise upstream_unavailable(self.name, "token realm is not an http(s) URL")
+        # A realm that refused our credentials refuses them for every scope: one key for all.
+        failure_key = f"token:{realm}" if self._basic_header() is not None else f"token:{scope}"
+        self._refuse_remembered_denial(failure_key)
         params = {"scope": challenge.params.get("scope") or scope}
         if "service" in challenge.params:
             params["service"] = challenge.params["service"]
@@ -426,29 +574,82 @@ class Upstream:
         basic = self._basic_header()
         if basic is not None:
             headers["Authorization"] = basic
+        with self._deadline("token request"):
+            status, body, response = await self._token_exchange(realm, params, headers)
+        host = httpx.URL(realm).host
+        self.stats.token_requests[str(status)] = self.stats.token_requests.get(str(status), 0) + 1
+        if status != 200:
+            raise self._token_failure(status, response, host, failure_key)
         try:
-            # No redirects: a redirected realm must not carry our credentials elsewhere.
-            response = await self._client.get(
-                realm, params=params, headers=headers, follow_redirects=False
-            )
-        except httpx.HTTPError as exc:
-            raise self._transport_error(exc) from exc
-        if response.status_code != 200:
-            log.warning("upstream %s: token realm answered %s", self.name, response.status_code)
-            raise RegistryError(
-                401 if response.status_code in (401, 403) else 502,
-                "UNAUTHORIZED" if response.status_code in (401, 403) else "UNAVAILABLE",
-                f"upstream {self.name}: token request failed with {response.status_code}",
-            )
-        try:
-            data: Any = response.json()
+            data: Any = json.loads(body)
             token = data.get("token") or data.get("access_token")
             lifetime = float(data.get("expires_in") or _DEFAULT_TOKEN_LIFETIME)
         except (ValueError, AttributeError, TypeError):
-            token = None
+            token, lifetime = None, 0.0
         if not isinstance(token, str) or not token:
-            raise upstream_unavailable(self.name, "token realm returned no token")
+            raise upstream_unavailable(self.name, f"token server {host} returned no token")
+        if len(token) > MAX_TOKEN or not token.isascii() or not token.isprintable():
+            raise upstream_unavailable(self.name, f"token server {host} returned an unusable token")
+        if not math.isfinite(lifetime) or lifetime <= 0:
+            lifetime = _DEFAULT_TOKEN_LIFETIME
         return token, lifetime
+
+    async def _token_exchange(
+        self, realm: str, params: dict[str, str], headers: dict[str, str]
+    ) -> tuple[int, bytes, httpx.Response]:
+        """GET the realm, reading at most ``MAX_TOKEN_RESPONSE`` bytes of its answer."""
+        try:
+            # No redirects: a redirected realm must not carry our credentials elsewhere.
+            request = self._client.build_request("GET", realm, params=params, headers=headers)
+            response = await self._client.send(request, stream=True, follow_redirects=False)
+            try:
+                body = bytearray()
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) > MAX_TOKEN_RESPONSE:
+                        host = httpx.URL(realm).host
+                        raise upstream_unavailable(
+                            self.name,
+                            f"token server {host} sent more than {MAX_TOKEN_RESPONSE} bytes",
+                        )
+            finally:
+                await response.aclose()
+        except httpx.HTTPError as exc:
+            self.stats.token_requests["transport_error"] = (
+                self.stats.token_requests.get("transport_error", 0) + 1
+            )
+            raise self._transport_error(exc) from exc
+        return response.status_code, bytes(body), response
+
+    def _token_failure(
+        self, status: int, response: httpx.Response, host: str, failure_key: str
+    ) -> RegistryError:
+        """The token server's refusal or throttling, passed on the way the registry's would be."""
+        log.warning("upstream %s: token server %s answered %s", self.name, host, status)
+        if status in (429, 503):
+            # Throttled: honour it like the registry's own 429 (cool-down and Retry-After),
+            # so a fleet of clients cannot turn one rate limit into many token requests.
+            self._note_backoff_request(response)
+            wait = parse_retry_after(response.headers.get("Retry-After"))
+            extra = {"Retry-After": str(math.ceil(wait))} if wait is not None else {}
+            return RegistryError(
+                status,
+                "TOOMANYREQUESTS" if status == 429 else "UNAVAILABLE",
+                f"upstream {self.name}: token server {host} answered {status}",
+                headers=extra,
+            )
+        if status in (401, 403):
+            error = RegistryError(
+                401,
+                "UNAUTHORIZED",
+                f"upstream {self.name}: token server {host} refused the request ({status}); "
+                f"not asked again for {_DENIAL_MEMORY:g}s",
+            )
+            self._remember(failure_key, error)
+            return error
+        return upstream_unavailable(
+            self.name, f"token server {host} answered {status} to a token request"
+        )
 
     async def _check(self, response: httpx.Response, not_found_code: str, what: str) -> None:
         """``_raise_for_status``, with the upstream's own error code and message when it sent
@@ -484,6 +685,12 @@ class Upstream:
         # clients and the producer's retry both read one format.
         wait = parse_retry_after(response.headers.get("Retry-After"))
         extra = {"Retry-After": str(math.ceil(wait))} if wait is not None else {}
+        if _origin(response.url) != self._origin and status >= 400:
+            # A redirect target (a CDN, a bucket) refusing or failing is the upstream's
+            # problem, not the client's access: 502, naming the host that answered.
+            raise upstream_unavailable(
+                self.name, f"{response.url.host}, where it redirected us, answered {status}"
+            )
         said = upstream_error_detail(body)
         code = said[0] if said is not None else None
         reason = f": {said[1]}" if said is not None and said[1] else ""
@@ -526,13 +733,22 @@ class Upstream:
         raise upstream_unavailable(self.name, f"unexpected status {status}{reason}")
 
     def _transport_error(self, exc: httpx.HTTPError) -> RegistryError:
-        # str(exc) of httpx errors names the URL but never headers, so no secret leaks here.
+        # Name the host that failed when it is not the registry (its CDN, its token server):
+        # the operator must not go looking for a fault in the wrong place.  Only the host:
+        # a redirect target's URL is signed, and its query works as a credential.
+        where = ""
+        try:
+            host = exc.request.url.host
+        except RuntimeError:  # an error raised before any request existed
+            host = ""
+        if host and _origin(exc.request.url) != self._origin:
+            where = f" at {host}"
         if isinstance(exc, httpx.TimeoutException):
             kind = "connect" if isinstance(exc, httpx.ConnectTimeout) else "read"
-            return upstream_timeout(self.name, f"{kind} timeout")
+            return upstream_timeout(self.name, f"{kind} timeout{where}")
         if isinstance(exc, httpx.ConnectError):
-            return upstream_unavailable(self.name, "cannot connect")
-        return upstream_unavailable(self.name, f"{type(exc).__name__}: {exc}")
+            return upstream_unavailable(self.name, f"cannot connect{where}")
+        return upstream_unavailable(self.name, f"{type(exc).__name__}{where}: {_redacted(exc)}")
 
 
 _MAX_ERROR_BODY = 16 * 1024  # an OCI error document is a few hundred bytes
@@ -544,8 +760,48 @@ _CODE_FOR_STATUS = {
     406: "UNSUPPORTED",
     410: "NAME_UNKNOWN",
     413: "SIZE_INVALID",
-    416: "RANGE_INVALID",
+    416: "UNSUPPORTED",
 }
+
+
+def _received(response: httpx.Response) -> AsyncIterator[bytes]:
+    if response.is_stream_consumed:
+        return _one(response.content)
+    return response.aiter_raw()
+
+
+async def _one(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+def _bounded_decoder(encoding: str) -> Callable[[bytes, int], bytes] | None:
+    """A function inflating one received piece into at most ``limit`` bytes, or None."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return lambda data, limit: data
+    if encoding not in ("gzip", "x-gzip", "deflate"):
+        return None
+    # wbits: 16+ for a gzip wrapper, 32+ for zlib-or-gzip (what servers send as "deflate")
+    inflater = zlib.decompressobj(
+        16 + zlib.MAX_WBITS if "gzip" in encoding else 32 + zlib.MAX_WBITS
+    )
+
+    def inflate(data: bytes, limit: int) -> bytes:
+        # max_length bounds the output; the input it did not consume means the result is
+        # over the limit already, which the caller refuses.
+        return inflater.decompress(data, max(1, limit))
+
+    return inflate
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    port = url.port or {"http": 80, "https": 443}.get(url.scheme)
+    return (url.scheme, url.host, port)
+
+
+def _redacted(exc: httpx.HTTPError) -> str:
+    """An httpx error's text without URL queries (signed redirect URLs carry credentials)."""
+    return re.sub(r"(https?://[^\s'\"?]*)\?[^\s'\"]*", r"\1?<redacted>", str(exc))
 
 
 def _is_success(response: httpx.Response) -> bool:

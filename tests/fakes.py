@@ -214,7 +214,7 @@ class FakeRegistry(httpx.AsyncBaseTransport):
         faults = self.faults.get(digest) if request.method == "GET" else None
         fault = faults.pop(0) if faults else Fault()
         if fault.status is not None:
-            return _error(fault.status, "UNAVAILABLE", fault.headers)
+            return _error(fault.status, _code_for(fault.status, "BLOB_UNKNOWN"), fault.headers)
         data = self.blobs.get(digest)
         owners = self.private.get(digest)
         if owners is not None and _repo_of(request.url.path) not in owners:
@@ -240,7 +240,7 @@ class FakeRegistry(httpx.AsyncBaseTransport):
         if self.manifest_faults:
             fault = self.manifest_faults.pop(0)
             if fault.status is not None:
-                return _error(fault.status, "UNAVAILABLE", fault.headers)
+                return _error(fault.status, _code_for(fault.status, "BLOB_UNKNOWN"), fault.headers)
         found = self.manifests.get((repo, reference))
         owners = self.private.get(reference)
         if owners is not None and repo not in owners:
@@ -266,6 +266,12 @@ def _basic(credentials: tuple[str, str] | None) -> str:
     if credentials is None:
         return ""
     return "Basic " + base64.b64encode(f"{credentials[0]}:{credentials[1]}".encode()).decode()
+
+
+def _code_for(status: int, not_found: str) -> str:
+    """The code a registry sends with a status (what the proxy now passes through)."""
+    codes = {404: not_found, 401: "UNAUTHORIZED", 403: "DENIED", 429: "TOOMANYREQUESTS"}
+    return codes.get(status, "UNAVAILABLE")
 
 
 def _error(status: int, code: str, headers: dict[str, str] | None = None) -> httpx.Response:

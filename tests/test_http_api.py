@@ -482,7 +482,9 @@ async def test_upstream_refusing_us_is_401(tmp_path: Path, path: str) -> None:
         head = await proxy.head(path)
     assert_oci_error(response, 401, "UNAUTHORIZED")
     assert head.status == 401
-    assert "WWW-Authenticate" not in response.headers  # the upstream's challenge is ours alone
+    # RFC 7235 wants a challenge on every 401: ours, never the upstream's (it is ours alone).
+    for answer in (response, head):
+        assert answer.headers["WWW-Authenticate"] == 'Basic realm="streamsync-trio"'
 
 
 @pytest.mark.parametrize(

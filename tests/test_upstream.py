@@ -760,8 +760,24 @@ async def test_passthrough_keeps_link_header() -> None:
     assert answer_.headers == {"Content-Type": "application/json", "Link": link}
 
 
+async def test_passthrough_sends_its_accept_and_keeps_every_link_line() -> None:
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers["Accept"])
+        links = [("Link", '</a>; rel="prev"'), ("Link", '</b>; rel="next"')]
+        return httpx.Response(200, json={"manifests": []}, headers=links)
+
+    index = "application/vnd.oci.image.index.v1+json"
+    async with open_upstream(httpx.MockTransport(handler)) as upstream:
+        answer_ = await upstream.passthrough(REPO, f"/v2/{REPO}/referrers/x", {}, accept=index)
+    assert seen == [index]
+    assert answer_.headers["Link"] == '</a>; rel="prev", </b>; rel="next"'
+
+
 @pytest.mark.parametrize(
-    ("upstream_status", "status"), [(401, 401), (403, 403), (429, 429), (500, 502), (503, 503)]
+    ("upstream_status", "status"),
+    [(400, 400), (401, 401), (403, 403), (429, 429), (500, 502), (503, 503), (204, 502)],
 )
 async def test_passthrough_failures_raise(upstream_status: int, status: int) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
