@@ -76,7 +76,7 @@ def unsupported(why: str) -> RegistryError:
 def range_not_satisfiable(size: int) -> RegistryError:
     return RegistryError(
         416,
-        "RANGE_INVALID",
+        "UNSUPPORTED",
         "requested range not satisfiable",
         headers={"Content-Range": f"bytes */{size}"},
     )

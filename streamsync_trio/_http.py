@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -29,10 +28,12 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from . import _listings as listings
 from ._auth import Htpasswd
 from ._config import Config
 from ._errors import RegistryError, blob_unknown
 from ._eviction import CacheKeeper
+from ._listings import ListingCache
 from ._logging import mark_source, with_access_log
 from ._manifests import CachedManifest, ManifestService
 from ._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -52,8 +53,6 @@ from ._zerocopy import enable_in_hypercorn, with_file_ranges, zero_copy_offered
 log = logging.getLogger("streamsync_trio.http")
 
 API_VERSION_HEADER = {"Docker-Distribution-API-Version": "registry/2.0"}
-_PASSTHROUGH_TTL = 10.0  # tags/list and referrers: "cached briefly"
-_PASSTHROUGH_CACHE_MAX = 1024
 
 
 # Bytes per zero-copy body chunk (a FileRange).  They cost no memory here, only one round
@@ -100,7 +99,10 @@ class ProxyState:
     started_at: float
     traffic: Traffic = field(default_factory=Traffic)
     chunk_budget: ChunkBudget = field(default_factory=ChunkBudget)
-    passthrough_cache: dict[tuple[str, str, str], tuple[float, Any]] = field(default_factory=dict)
+    # tags/list and referrers, collected whole from the upstream: (upstream, path) -> entries
+    passthrough_cache: ListingCache[tuple[str, str], Sequence[Any]] = field(
+        default_factory=ListingCache
+    )
 
     @property
     def peers_dir(self) -> Path:
@@ -462,38 +464,75 @@ async def _blob(
     return response
 
 
-_LINK_PATH_RE = re.compile(r"<(/v2/)([^?>]*?)(/(?:tags/list|referrers/[^?>]*))")
-
-
 async def _passthrough(
     state: ProxyState, upstream: Upstream, target: Route, endpoint: Endpoint
 ) -> Response:
+    """tags/list and referrers: answered from the upstream's whole listing (``_listings``)."""
     if endpoint.kind == "referrers":
-        parse_digest(endpoint.reference)
-        path = f"/v2/{target.repo}/referrers/{endpoint.reference}"
-        allowed: tuple[str, ...] = ("artifactType",)
-    else:
-        path = f"/v2/{target.repo}/tags/list"
-        allowed = ("n", "last")
-    params = {k: v for k, v in request.args.items() if k in allowed}
-    key = (upstream.name, path, repr(sorted(params.items())))
-    now = time.monotonic()
-    cached = state.passthrough_cache.get(key)
-    if cached is not None and cached[0] > now:
-        answer = cached[1]
-    else:
-        answer = await upstream.passthrough(target.repo, path, params)
-        if answer.status == 200:
-            if len(state.passthrough_cache) >= _PASSTHROUGH_CACHE_MAX:
-                state.passthrough_cache.clear()
-            state.passthrough_cache[key] = (now + _PASSTHROUGH_TTL, answer)
-    headers = dict(answer.headers)
-    if "Link" in headers:
-        # Pagination links name the upstream's repository; point them back at ours.
-        headers["Link"] = _LINK_PATH_RE.sub(
-            lambda m: f"<{m.group(1)}{endpoint.name}{m.group(3)}", headers["Link"]
+        digest = parse_digest(endpoint.reference)
+        artifact_type = request.args.get("artifactType")
+        referrers = await _listing(
+            state,
+            upstream,
+            target.repo,
+            f"/v2/{target.repo}/referrers/{digest}",
+            kind="referrers",
         )
-    body = b"" if request.method == "HEAD" else answer.body
-    response = Response(body, status=answer.status, headers=headers)
-    response.headers["Content-Length"] = str(len(answer.body))
+        body = listings.render_referrers(referrers, artifact_type)
+        headers = {"Content-Type": listings.INDEX_MEDIA_TYPE}
+        if artifact_type is not None:
+            headers["OCI-Filters-Applied"] = "artifactType"
+    else:
+        n, last = listings.parse_tag_query(request.args)
+        tags = await _listing(
+            state, upstream, target.repo, f"/v2/{target.repo}/tags/list", kind="tags"
+        )
+        page, next_last = listings.paginate(tags, n, last)
+        # The name the client asked for, not the upstream's (``docker.io/alpine``, not
+        # ``library/alpine``), so its next request lands here again.
+        body = listings.render_tags(endpoint.name, page)
+        headers = {"Content-Type": listings.TAGS_CONTENT_TYPE}
+        if n is not None and next_last is not None:
+            ns = request.args.get("ns")
+            headers["Link"] = listings.tags_link(endpoint.name, n, next_last, ns)
+    response = Response(b"" if request.method == "HEAD" else body, headers=headers)
+    response.headers["Content-Length"] = str(len(body))
     return response
+
+
+async def _listing(
+    state: ProxyState, upstream: Upstream, repo: str, path: str, *, kind: str
+) -> Sequence[Any]:
+    """The upstream's whole listing at ``path``, from the brief cache or collected now
+    (once, however many clients ask for it meanwhile)."""
+
+    async def referrers() -> Sequence[Any]:
+        return await listings.fetch_all(
+            partial(upstream.passthrough, repo, path, accept=listings.INDEX_MEDIA_TYPE),
+            path,
+            listings.parse_referrers,
+            upstream=upstream.name,
+            not_found=lambda body: listings.upstream_not_found(
+                body, "UNSUPPORTED", f"upstream {upstream.name} has no referrers API here"
+            ),
+        )
+
+    async def tags() -> Sequence[Any]:
+        found = await listings.fetch_all(
+            partial(upstream.passthrough, repo, path),
+            path,
+            listings.parse_tags,
+            upstream=upstream.name,
+            not_found=lambda body: listings.upstream_not_found(
+                body, "NAME_UNKNOWN", f"repository not found upstream at {upstream.name}"
+            ),
+        )
+        return listings.sorted_tags(found)
+
+    if kind == "referrers":
+        return await state.passthrough_cache.get_or_fetch(
+            (upstream.name, path), referrers, listings.referrers_size
+        )
+    return await state.passthrough_cache.get_or_fetch(
+        (upstream.name, path), tags, listings.tags_size
+    )

@@ -63,12 +63,23 @@ def validate_name(name: str) -> str:
     return name
 
 
+def is_tag(text: str) -> bool:
+    """Does ``text`` match the spec's tag grammar ``[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}``?"""
+    return _TAG_RE.fullmatch(text) is not None
+
+
 def validate_tag(tag: str) -> str:
-    if not _TAG_RE.fullmatch(tag):
+    """A reference that is no tag (and no digest) cannot name a manifest: 404, not 400.
+
+    The spec's answer to a manifest that is not found is ``404 MANIFEST_UNKNOWN``;
+    ``MANIFEST_INVALID`` is what a *push* of a bad manifest gets.  The OCI conformance suite
+    asks for ``.INVALID_MANIFEST_NAME`` and expects exactly that 404.
+    """
+    if not is_tag(tag):
         raise RegistryError(
-            400,
-            "MANIFEST_INVALID",
-            "invalid tag: must match [a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}",
+            404,
+            "MANIFEST_UNKNOWN",
+            "manifest unknown: not a tag ([a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}) nor a digest",
             detail={"tag": tag[:200]},
         )
     return tag

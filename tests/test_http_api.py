@@ -330,7 +330,7 @@ async def test_unsatisfiable_range_is_416(tmp_path: Path, cached: bool, header: 
             await proxy.get(path)
             await proxy.wait_stored(BLOB_DIGEST)
         response = await proxy.get(path, headers={"Range": header})
-        assert_oci_error(response, 416, "RANGE_INVALID")
+        assert_oci_error(response, 416, "UNSUPPORTED")
         assert response.headers["Content-Range"] == f"bytes */{SIZE}"
 
 
@@ -338,7 +338,7 @@ async def test_two_range_fields_are_a_multi_range_and_416(tmp_path: Path) -> Non
     async with serving(tmp_path) as proxy:
         headers = Headers([("Range", "bytes=0-1"), ("Range", "bytes=5-6")])
         response = await proxy.get(f"/v2/{REPO}/blobs/{BLOB_DIGEST}", headers=headers)
-    assert_oci_error(response, 416, "RANGE_INVALID")
+    assert_oci_error(response, 416, "UNSUPPORTED")
 
 
 async def test_other_range_units_get_the_whole_blob(tmp_path: Path) -> None:
@@ -354,47 +354,210 @@ async def test_other_range_units_get_the_whole_blob(tmp_path: Path) -> None:
 
 
 class Paginating(httpx.AsyncBaseTransport):
-    """The fake, with a ``Link`` to a next page on every tags/list answer."""
+    """The fake, answering tags/list in sorted pages of ``per_page`` with a ``Link`` to the
+    next, as Docker Hub does, and referrers from ``referrers`` (or 404 when None, as on
+    Distribution 2.8, which has no referrers API)."""
 
-    def __init__(self, fake: FakeRegistry) -> None:
+    def __init__(
+        self,
+        fake: FakeRegistry,
+        per_page: int = 2,
+        *,
+        content_type: str = "application/json",
+        referrers: dict[str, list[dict[str, Any]]] | None = None,
+    ) -> None:
         self.fake = fake
+        self.per_page = per_page
+        self.content_type = content_type
+        self.referrers = referrers
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if "/referrers/" in path:
+            self.fake.requests.append(request)
+            if self.referrers is None:
+                return httpx.Response(404, text="404 page not found\n")
+            manifests = self.referrers.get(path.rsplit("/", 1)[1], [])
+            document = {"schemaVersion": 2, "mediaType": INDEX, "manifests": manifests}
+            return httpx.Response(200, json=document, headers={"Content-Type": INDEX})
         response = await self.fake.handle_async_request(request)
-        if request.url.path.endswith("/tags/list") and response.status_code == 200:
-            response.headers["Link"] = f'</v2/{REPO}/tags/list?n=1&last=1>; rel="next"'
-        return response
+        if not path.endswith("/tags/list") or response.status_code != 200:
+            return response
+        tags = sorted(json.loads(await response.aread())["tags"])
+        last = request.url.params.get("last")
+        after = [tag for tag in tags if last is None or tag > last]
+        page = after[: self.per_page]
+        headers = {"Content-Type": self.content_type}
+        if len(after) > self.per_page:
+            headers["Link"] = f'<{path}?n={self.per_page}&last={page[-1]}>; rel="next"'
+        document = {"name": "upstream/name", "tags": page}
+        return httpx.Response(200, content=json.dumps(document).encode(), headers=headers)
 
 
-async def test_tags_list_passes_through_and_is_cached_briefly(tmp_path: Path) -> None:
-    async with serving(tmp_path) as proxy:
+INDEX = "application/vnd.oci.image.index.v1+json"
+TAGS = ["1", "10", "2", "a", "B", "latest", "v1.0"]
+
+
+def tagged_fake(repo: str = REPO) -> FakeRegistry:
+    fake = FakeRegistry()
+    for tag in TAGS:
+        fake.add_manifest(repo, tag, MANIFEST)
+    return fake
+
+
+async def test_tags_list_is_collected_once_and_served_from_the_cache(tmp_path: Path) -> None:
+    fake = tagged_fake()
+    async with serving(tmp_path, fake, transport=Paginating(fake, per_page=3)) as proxy:
         path = f"/v2/{REPO}/tags/list"
-        response = await proxy.get(path, query={"n": "5", "last": "0", "x": "1"})
+        response = await proxy.get(path, query={"x": "1"})
         assert response.status == 200
         assert response.headers["Content-Type"] == "application/json"
         assert_api_headers(response)
-        assert response.json() == {"name": REPO, "tags": ["1"]}
-        (upstream_request,) = proxy.fake.requests
-        assert upstream_request.url.path == path
-        assert dict(upstream_request.url.params) == {"n": "5", "last": "0"}  # no stray params
-        again = await proxy.get(path, query={"n": "5", "last": "0"})
-        assert again.json() == {"name": REPO, "tags": ["1"]}
-        assert len(proxy.fake.requests) == 1
+        assert response.json() == {"name": REPO, "tags": sorted(TAGS)}
+        assert "Link" not in response.headers
+        # The upstream's pages, followed by their Links, our stray parameter never sent.
+        asked = [dict(r.url.params) for r in proxy.fake.requests]
+        assert asked == [{}, {"n": "3", "last": "2"}, {"n": "3", "last": "latest"}]
+        # Every n/last from the one collected list, for ten seconds (issue 14: one entry,
+        # not one per distinct query).
+        for n in range(1, 9):
+            page = await proxy.get(path, query={"n": str(n)})
+            assert page.json()["tags"] == sorted(TAGS)[:n]
+        assert len(proxy.fake.requests) == 3
+        assert len(proxy.state.passthrough_cache) == 1
 
 
-async def test_tags_list_pagination_links_name_our_repository(tmp_path: Path) -> None:
-    fake = FakeRegistry()
-    fake.add_manifest(REPO, "1", MANIFEST)
+async def test_tags_list_pages_name_the_repository_the_client_asked_for(tmp_path: Path) -> None:
+    fake = tagged_fake()
     async with serving(tmp_path, fake, transport=Paginating(fake)) as proxy:
-        response = await proxy.get(f"/v2/{UPSTREAM}/{REPO}/tags/list?n=1")
-    assert response.status == 200
-    assert response.headers["Link"] == (f'</v2/{UPSTREAM}/{REPO}/tags/list?n=1&last=1>; rel="next"')
+        name = f"{UPSTREAM}/{REPO}"
+        walked: list[str] = []
+        url: str | None = f"/v2/{name}/tags/list?n=3"
+        while url is not None:
+            path, _, query = url.partition("?")
+            response = await proxy.get(path, query=dict(p.split("=") for p in query.split("&")))
+            assert response.status == 200
+            assert response.json()["name"] == name  # not the upstream's "upstream/name"
+            walked += response.json()["tags"]
+            link = response.headers.get("Link")
+            url = link.split(">")[0].removeprefix("<") if link else None
+            if link:
+                assert link.startswith(f"</v2/{name}/tags/list?n=3&last=")
+                assert link.endswith('>; rel="next"')
+    assert walked == sorted(TAGS)
+
+
+async def test_tags_list_with_implicit_library_reports_the_short_name(tmp_path: Path) -> None:
+    fake = tagged_fake("library/alpine")
+    async with serving(tmp_path, fake, implicit_library=True) as proxy:
+        response = await proxy.get(f"/v2/{UPSTREAM}/alpine/tags/list", query={"n": "1"})
+    assert response.json() == {"name": f"{UPSTREAM}/alpine", "tags": ["1"]}
+    assert response.headers["Link"] == f'</v2/{UPSTREAM}/alpine/tags/list?n=1&last=1>; rel="next"'
+    assert [r.url.path for r in fake.requests] == ["/v2/library/alpine/tags/list"]
+
+
+async def test_tags_list_n_zero_is_empty_without_link(tmp_path: Path) -> None:
+    fake = tagged_fake()
+    async with serving(tmp_path, fake) as proxy:
+        response = await proxy.get(f"/v2/{REPO}/tags/list", query={"n": "0"})
+        head = await proxy.head(f"/v2/{REPO}/tags/list", query={"n": "2", "last": "2"})
+    assert response.json() == {"name": REPO, "tags": []}
+    assert "Link" not in response.headers
+    expected = json.dumps({"name": REPO, "tags": ["B", "a"]}).encode()
+    assert (head.status, head.body, head.headers["Content-Length"]) == (
+        200,
+        b"",
+        str(len(expected)),
+    )
+
+
+async def test_tags_list_that_is_no_json_list_is_refused(tmp_path: Path) -> None:
+    fake = tagged_fake()
+    html = Paginating(fake, content_type="text/html")
+    async with serving(tmp_path, fake, transport=html) as proxy:
+        response = await proxy.get(f"/v2/{REPO}/tags/list")
+    assert_oci_error(response, 502, "UNAVAILABLE")
+
+
+class Hostile(httpx.AsyncBaseTransport):
+    """tags/list with a ``<script>`` in a tag-shaped JSON and a ``Link`` to another host."""
+
+    def __init__(self) -> None:
+        self.requests: list[httpx.Request] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        links = '<https://evil.example/v2/x/tags/list?last=a>; rel="next"'
+        document = {"name": "<script>alert(1)</script>", "tags": ["b", "a"]}
+        headers = {"Content-Type": "application/json", "Link": links}
+        return httpx.Response(200, json=document, headers=headers)
+
+
+async def test_tags_list_is_ours_whatever_the_upstream_says(tmp_path: Path) -> None:
+    hostile = Hostile()
+    async with serving(tmp_path, transport=hostile) as proxy:
+        response = await proxy.get(f"/v2/{REPO}/tags/list")
+    assert response.body == json.dumps({"name": REPO, "tags": ["a", "b"]}).encode()
+    assert response.headers["Content-Type"] == "application/json"
+    assert "Link" not in response.headers
+    assert [r.url.host for r in hostile.requests] == [UPSTREAM]  # the Link was not followed
+
+
+@pytest.mark.parametrize("query", [{"n": "-1"}, {"n": "x"}, {"last": "<script>"}])
+async def test_tags_list_bad_query_is_400(tmp_path: Path, query: dict[str, str]) -> None:
+    async with serving(tmp_path) as proxy:
+        response = await proxy.get(f"/v2/{REPO}/tags/list", query=query)
+    assert_oci_error(response, 400, "UNSUPPORTED")
+    assert proxy.fake.requests == []
 
 
 async def test_tags_list_of_an_unknown_repository_is_the_upstream_404(tmp_path: Path) -> None:
     async with serving(tmp_path) as proxy:
         response = await proxy.get("/v2/no/such/tags/list")
     assert_oci_error(response, 404, "NAME_UNKNOWN")
+
+
+SUBJECT = "sha256:" + "5" * 64
+
+
+def referrer(artifact_type: str) -> dict[str, Any]:
+    return {
+        "mediaType": OCI_MANIFEST,
+        "digest": digest_of(artifact_type.encode()),
+        "size": 10,
+        "artifactType": artifact_type,
+    }
+
+
+async def test_referrers_are_an_oci_index_filtered_on_request(tmp_path: Path) -> None:
+    fake = FakeRegistry()
+    sbom, sig = referrer("application/vnd.example.sbom"), referrer("application/vnd.example.sig")
+    transport = Paginating(fake, referrers={SUBJECT: [sbom, sig]})
+    async with serving(tmp_path, fake, transport=transport) as proxy:
+        whole = await proxy.get(f"/v2/{REPO}/referrers/{SUBJECT}")
+        only = await proxy.get(
+            f"/v2/{REPO}/referrers/{SUBJECT}", query={"artifactType": sig["artifactType"]}
+        )
+        none = await proxy.get(f"/v2/{REPO}/referrers/{digest_of(b'other')}")
+    assert whole.status == 200
+    assert whole.headers["Content-Type"] == INDEX
+    assert whole.json() == {"schemaVersion": 2, "mediaType": INDEX, "manifests": [sbom, sig]}
+    assert "OCI-Filters-Applied" not in whole.headers
+    assert only.json()["manifests"] == [sig]
+    assert only.headers["OCI-Filters-Applied"] == "artifactType"
+    assert none.json()["manifests"] == []
+    # One upstream request per subject: the filter is applied here, on the cached list.
+    assert len(fake.requests) == 2
+
+
+async def test_referrers_without_upstream_support_stay_404(tmp_path: Path) -> None:
+    """The upstream has no referrers API (Distribution 2.8 answers a plain-text 404): the
+    client must get a 404, since that is what tells it to fall back to the referrers tag
+    schema; an empty 200 would hide every referrer pushed that way."""
+    fake = FakeRegistry()
+    async with serving(tmp_path, fake, transport=Paginating(fake)) as proxy:
+        response = await proxy.get(f"/v2/{REPO}/referrers/{SUBJECT}")
+    assert_oci_error(response, 404, "UNSUPPORTED")
 
 
 # -- what a read-only cache refuses -----------------------------------------------------------

@@ -206,7 +206,8 @@ async def test_a_lying_docker_content_digest_is_refused(tmp_path: Path) -> None:
 async def test_invalid_tags_never_reach_the_upstream(tmp_path: Path, reference: str) -> None:
     async with open_lab(tmp_path) as lab:
         error = await lab.fails(reference)
-    assert error.status == 400
+    # The spec: a tag that cannot exist is not found (MANIFEST_INVALID is for pushes).
+    assert (error.status, error.code) == (404, "MANIFEST_UNKNOWN")
     assert lab.fake.requests == []
 
 

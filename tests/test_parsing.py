@@ -118,9 +118,10 @@ def test_valid_tags(tag: str) -> None:
     "tag", ["", ".hidden", "-dash", "t" * 129, "a+b", "a b", "a/b", "a@b", "ä", "a\n"]
 )
 def test_invalid_tags(tag: str) -> None:
+    # A reference that is no tag cannot name a manifest: "not found", as the spec answers.
     with pytest.raises(RegistryError) as error:
         validate_tag(tag)
-    assert error.value.status == 400
+    assert (error.value.status, error.value.code) == (404, "MANIFEST_UNKNOWN")
 
 
 # -- digests ----------------------------------------------------------------------------------
