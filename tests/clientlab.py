@@ -24,8 +24,8 @@ import signal
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -551,7 +551,29 @@ async def succeeds(command: list[str]) -> bool:
 @asynccontextmanager
 async def containerd(workdir: Path) -> AsyncIterator[Path]:
     """containerd with everything under ``workdir``; only what pulls need (no CRI)."""
-    socket_path = workdir / "containerd.sock"
+    with short_directory("containerd") as sockets:
+        async with _containerd(workdir, sockets / "containerd.sock") as address:
+            yield address
+
+
+@contextmanager
+def short_directory(kind: str) -> Iterator[Path]:
+    """A directory with a short path, for unix sockets: their paths may not exceed 104-108
+    bytes, which a pytest tmp_path plus a daemon's own layout can (dockerd's containerd
+    failed to start with "unix socket path too long")."""
+    directory = Path(tempfile.mkdtemp(prefix=f"ss-{kind}-", dir="/tmp"))
+    try:
+        yield directory
+    finally:
+        # The daemon has stopped by now (its context is inside this one); never rm -r a mount.
+        for point in mounts_under(directory):
+            subprocess.run(["umount", "--lazy", point], check=False, capture_output=True)
+        if not mounts_under(directory):
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+@asynccontextmanager
+async def _containerd(workdir: Path, socket_path: Path) -> AsyncIterator[Path]:
     config = workdir / "containerd.toml"
     config.write_text(
         "version = 2\n"
@@ -585,11 +607,19 @@ async def dockerd(workdir: Path, proxy_host: str) -> AsyncIterator[Path]:
     No networking of its own (no iptables, no bridge): it only pulls.  With no system
     containerd at /run/containerd it starts its own, under ``exec-root``.  ``vfs`` because
     overlay2 needs a backing filesystem that supports it, which a CI tmp dir may not."""
-    socket_path = workdir / "docker.sock"
+    with short_directory("dockerd") as short:
+        async with _dockerd(workdir, short, proxy_host) as socket_path:
+            yield socket_path
+
+
+@asynccontextmanager
+async def _dockerd(workdir: Path, short: Path, proxy_host: str) -> AsyncIterator[Path]:
+    socket_path = short / "docker.sock"
     settings = json.loads(snippet("daemon.json", proxy_host))
     settings |= {
         "data-root": str(workdir / "data"),
-        "exec-root": str(workdir / "exec"),
+        # Its own containerd's sockets live under exec-root: a short path (see above).
+        "exec-root": str(short / "exec"),
         "pidfile": str(workdir / "docker.pid"),
         "hosts": [f"unix://{socket_path}"],
         "iptables": False,
