@@ -66,15 +66,16 @@ class Registry:
 
 
 @contextmanager
-def registry(workdir: Path) -> Iterator[Registry]:
-    """A real Distribution on a free loopback port."""
+def registry(workdir: Path, extra_config: str = "") -> Iterator[Registry]:
+    """A real Distribution on a free loopback port; ``extra_config`` is more top-level YAML
+    (an ``auth:`` or ``middleware:`` section, say)."""
     port = free_port()
     config = workdir / "registry.yml"
     config.write_text(
         "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n"
         f"storage:\n  filesystem:\n    rootdirectory: {workdir / 'registry-data'}\n"
         "  delete:\n    enabled: true\n"
-        f"http:\n  addr: 127.0.0.1:{port}\n"
+        f"http:\n  addr: 127.0.0.1:{port}\n" + extra_config
     )
     with open(workdir / "registry.log", "wb") as log:
         process = subprocess.Popen(
