@@ -16,14 +16,21 @@ sends every item of a body iterator as ``http.response.body``, so this module ha
 * the app: :func:`with_file_ranges` turns the ``FileRange`` items of a body, which Quart wraps
   in ``http.response.body``, into ``http.response.zerocopysend`` messages.
 
+Since the subclasses are in place anyway, they also fix how hypercorn 0.18 ends connections
+(see :class:`_TCPServer`) and put a reason phrase in the status line (``200 OK``).
+
 hypercorn is pinned (pyproject.toml), and the tests run these classes under the real server.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import logging
+import math
 import os
 from collections.abc import Mapping
+from http import HTTPStatus
 from typing import Any, cast
 
 import h11
@@ -35,14 +42,23 @@ from hypercorn.protocol.events import Body
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
 from hypercorn.trio import run as hypercorn_trio_run
-from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.typing import ASGISendEvent
 from hypercorn.utils import suppress_body
 
 from ._logging import ASGIApp, Message, Receive, Scope, Send
 from ._streaming import FileRange, cache_read_failed
 
+log = logging.getLogger("streamsync_trio.http")
+
 ZEROCOPYSEND = "http.response.zerocopysend"
+
+# Bounds on what a client may hold, read from hypercorn's config (``hypercorn.toml``) under
+# these names, with these defaults.  hypercorn keeps keys it does not know as attributes.
+HEADER_TIMEOUT_KEY = "header_timeout"
+HEADER_TIMEOUT = 20.0  # seconds from a request's first byte to the end of its headers
+MAX_CONNECTIONS_PER_CLIENT_KEY = "max_connections_per_client"
+MAX_CONNECTIONS_PER_CLIENT = 256  # per worker process and client address; 0: no cap
 
 
 def with_file_ranges(app: ASGIApp) -> ASGIApp:
@@ -126,9 +142,18 @@ class _HTTPStream(HTTPStream):
 
 
 class _H11Protocol(H11Protocol):
-    """hypercorn's HTTP/1.1 protocol; lets h11 frame a :class:`FileRange` without its bytes."""
+    """hypercorn's HTTP/1.1 protocol; lets h11 frame a :class:`FileRange` without its bytes,
+    and gives every status line its reason phrase.
+
+    hypercorn builds its h11 responses without a ``reason``, so h11 writes ``HTTP/1.1 200 ``:
+    valid (RFC 9112 allows an empty phrase) but unusual enough to trip strict clients and
+    confuse people reading a capture.  Every response (the app's, hypercorn's own error
+    answers, ``100 Continue``) passes through here, so this is the one place to add it.
+    """
 
     async def _send_h11_event(self, event: Any) -> None:
+        if isinstance(event, (h11.Response, h11.InformationalResponse)) and not event.reason:
+            event = dataclasses.replace(event, reason=_reason_phrase(event.status_code))
         if not (isinstance(event, h11.Data) and isinstance(event.data, FileRange)):
             await super()._send_h11_event(event)
             return
@@ -141,6 +166,13 @@ class _H11Protocol(H11Protocol):
             return
         for piece in pieces or ():
             await self.send(RawData(data=piece))
+
+
+def _reason_phrase(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b"Unknown"  # a status code without a registered phrase
 
 
 class _TCPServer(TCPServer):
@@ -157,7 +189,66 @@ class _TCPServer(TCPServer):
 
     HTTP/2 keeps hypercorn's shielded send: there a cancelled stream must not close the
     connection that every other stream shares.
+
+    And three changes to how connections end, each a fault of hypercorn 0.18 measured here:
+
+    * The close is shielded.  After a response that ends the connection (``Connection:
+      close``, HTTP/1.0) hypercorn closes it from inside the app's last send, and quart-trio
+      cancels the request's tasks at that very moment: the cancellation struck the close at
+      its first checkpoint (``send_eof``), before the socket was closed, so the client got
+      its response and then waited for an EOF that came only with the keep-alive timeout.
+    * A connection the client has closed (or that failed, or timed out) is closed at once.
+      hypercorn waited for its keep-alive timer instead, so every client that closed an idle
+      connection left it in CLOSE-WAIT, holding an fd, for ``keep_alive_timeout`` (measured:
+      5000 connect/close cycles took a worker from 9 to 5009 fds).
+    * Bounds on slow and greedy clients: a request's headers must be complete within
+      ``header_timeout`` seconds of the connection's start (first request) or of their
+      first byte (later requests; between requests the keep-alive timeout applies).
+      ``read_timeout`` only bounds the gap between two reads, which a slowloris client
+      dribbling a line every few seconds never exceeds.  And one client address holds at
+      most ``max_connections_per_client`` connections per worker process (more are closed
+      unanswered); behind a reverse proxy every connection has the proxy's address.
     """
+
+    async def run(self) -> None:
+        client = _peer_host(self.stream)
+        cap = int(getattr(self.config, MAX_CONNECTIONS_PER_CLIENT_KEY, MAX_CONNECTIONS_PER_CLIENT))
+        if not _CLIENTS.admit(client, cap):
+            await trio.aclose_forcefully(self.stream)
+            return
+        try:
+            await super().run()
+        finally:
+            _CLIENTS.leave(client, cap)
+
+    async def _read_data(self) -> None:
+        """hypercorn's read loop, with the header deadline, and a close when it ends."""
+        header_timeout = float(getattr(self.config, HEADER_TIMEOUT_KEY, HEADER_TIMEOUT))
+        gap = self.config.read_timeout or math.inf
+        headers_due = trio.current_time() + header_timeout  # the first request's
+        while True:
+            awaiting_headers = _awaiting_request_headers(self.protocol.protocol)
+            if not awaiting_headers:
+                headers_due = math.inf
+            try:
+                with trio.fail_at(min(trio.current_time() + gap, headers_due)):
+                    data = await self.stream.receive_some(MAX_RECV)
+            except (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError):
+                break
+            if awaiting_headers and data and headers_due == math.inf:
+                headers_due = trio.current_time() + header_timeout
+            await self.protocol.handle(RawData(bytes(data)))
+            if data == b"":
+                break
+        await self.protocol.handle(Closed())
+        # Nothing more can come in; whatever the app still sends is cut short anyway (the
+        # Closed above told it the client is gone), so the connection goes now.
+        await self.idle_task.stop()
+        await self._close()
+
+    async def _close(self) -> None:
+        with trio.CancelScope(shield=True):  # cannot block: shutdown(2) and close(2)
+            await super()._close()
 
     async def protocol_send(self, event: Event) -> None:
         if not isinstance(event, RawData) or not isinstance(self.protocol.protocol, H11Protocol):
@@ -185,6 +276,58 @@ class _TCPServer(TCPServer):
         finally:
             if isinstance(data, FileRange):
                 data.close()
+
+
+class _OpenConnections:
+    """Open connections by client address, in this process (all of them in its one event
+    loop, so plain counting is safe)."""
+
+    def __init__(self) -> None:
+        self.by_client: dict[str, int] = {}
+        self._warned: set[str] = set()
+
+    def admit(self, client: str, cap: int) -> bool:
+        count = self.by_client.get(client, 0)
+        if cap > 0 and count >= cap:
+            if client not in self._warned:  # once per burst, not per refused connection
+                self._warned.add(client)
+                log.warning("client %s has %d connections open; refusing more", client, cap)
+            return False
+        self.by_client[client] = count + 1
+        return True
+
+    def leave(self, client: str, cap: int) -> None:
+        count = self.by_client.get(client, 1) - 1
+        if count > 0:
+            self.by_client[client] = count
+        else:
+            self.by_client.pop(client, None)
+        if count < cap:
+            self._warned.discard(client)
+
+
+_CLIENTS = _OpenConnections()
+
+
+def _peer_host(stream: Any) -> str:
+    """The client's address, for the per-client cap ("" when it cannot be had)."""
+    sock = getattr(stream, "socket", None) or getattr(
+        getattr(stream, "transport_stream", None), "socket", None
+    )
+    try:
+        peer = sock.getpeername() if sock is not None else ""
+    except OSError:
+        return ""  # already gone
+    return str(peer[0]) if isinstance(peer, tuple) else str(peer)
+
+
+def _awaiting_request_headers(protocol: object) -> bool:
+    """Whether an HTTP/1.1 connection is between requests or inside a request's headers
+    (h11 leaves the client's state at IDLE until the whole head has arrived)."""
+    if not isinstance(protocol, H11Protocol):
+        return False
+    connection = protocol.connection
+    return isinstance(connection, h11.Connection) and connection.their_state is h11.IDLE
 
 
 class _CacheReadFailed(Exception):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 from collections.abc import Iterator
 from urllib.parse import urljoin
 
@@ -524,6 +525,17 @@ def test_referrers_with_an_invalid_digest_is_400(
 
 
 # -- HTTP itself ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target_id", TARGETS)
+def test_status_lines_carry_a_reason_phrase(lab: SpecLab, target_id: str) -> None:
+    """Not a MUST of either spec (RFC 9112 allows an empty reason phrase), but every other
+    registry sends one (``HTTP/1.1 200 OK``), and strict clients have tripped on its absence."""
+    host, port = pick(lab, target_id).url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        raw.sendall(b"GET /v2/ HTTP/1.1\r\nHost: spec\r\nConnection: close\r\n\r\n")
+        status_line = raw.makefile("rb").readline()
+    assert status_line == b"HTTP/1.1 200 OK\r\n"
 
 
 def test_lab_pushes_what_it_says(lab: SpecLab) -> None:
