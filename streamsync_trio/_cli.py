@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -16,6 +17,7 @@ import trio
 from ._config import Config, ConfigError, load_config, parse_size
 from ._eviction import collect_garbage
 from ._prefetch import prefetch
+from ._scrub import Finding, ScrubReport, content_listing, prune_links, scrub
 from ._serve import serve
 from ._store import Store
 
@@ -67,7 +69,82 @@ def _cache_gc(args: argparse.Namespace) -> int:
             f"removed {result['manifests_removed']} manifest(s) and {result['tags_removed']} "
             f"tag record(s) unused for {config.manifest_max_age_days:g} days"
         )
+    # Last: the blobs and manifests removed above leave their links dangling.
+    links = prune_links(store, dry_run=args.dry_run)
+    print(f"{verb} {links} repository link(s) to content no longer stored")
     return 0
+
+
+def _cache_verify(args: argparse.Namespace) -> int:
+    """Exit 1 when anything was damaged (and quarantined), 0 when all is intact."""
+    config = _load()
+    store = Store(config.storage_root)
+    listing = content_listing(store)
+    total = sum(size for _, _, size in listing)
+
+    def found(finding: Finding) -> None:
+        where = f"moved to {finding.moved_to}" if finding.moved_to else "left in place"
+        print(f"DAMAGED {finding.path}: {finding.problem}; {where}")
+
+    if args.quiet:
+        report = scrub(store, listing, on_finding=found)
+    elif sys.stdout.isatty():
+        report = _scrub_with_bar(store, listing, total, found)
+    else:
+        report = scrub(store, listing, _ProgressLines(total), found)
+    if not args.quiet:
+        print(
+            f"verified {report.checked} file(s), {_human(report.bytes)} in "
+            f"{report.seconds:.1f} s ({_human(int(report.throughput))}/s); "
+            f"{len(report.findings)} damaged"
+            + (f", quarantined under {store.quarantine_dir}" if report.findings else "")
+            + (f"; {report.changed} changed while checked" if report.changed else "")
+        )
+    return 1 if report.findings else 0
+
+
+def _scrub_with_bar(
+    store: Store,
+    listing: list[tuple[str, Path, int]],
+    total: int,
+    found: Callable[[Finding], None],
+) -> ScrubReport:
+    # Imported here: ``rich`` takes a while to import, and only this command on a TTY needs it.
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    columns = (BarColumn(), DownloadColumn(binary_units=True), TransferSpeedColumn())
+    # The bar redraws in place on stdout; ``print`` meanwhile (a damaged file) is shown
+    # above it, and the bar goes when done, leaving the summary.
+    with Progress("verifying", *columns, TimeRemainingColumn(), transient=True) as progress:
+        task = progress.add_task("verify", total=total)
+        return scrub(store, listing, partial(progress.advance, task), found)
+
+
+class _ProgressLines:
+    """Progress for a log, not a terminal: one line to stderr every ``INTERVAL`` seconds."""
+
+    INTERVAL = 10.0
+
+    def __init__(self, total: int) -> None:
+        self._total = total
+        self._done = 0
+        self._next = time.monotonic() + self.INTERVAL
+
+    def __call__(self, count: int) -> None:
+        self._done += count
+        if time.monotonic() >= self._next:
+            self._next += self.INTERVAL
+            share = 100 * self._done / self._total if self._total else 100.0
+            print(
+                f"verified {_human(self._done)} of {_human(self._total)} ({share:.0f} %)",
+                file=sys.stderr,
+            )
 
 
 def _human(size: int) -> str:
@@ -139,6 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--max-size", help="cap to apply instead of [storage] max_size, e.g. 20GiB")
     gc.add_argument("--dry-run", action="store_true", help="say what would go, remove nothing")
     gc.set_defaults(run=_cache_gc)
+    verify = cache_commands.add_parser(
+        "verify",
+        help="hash every stored blob and manifest; quarantine damaged ones (exit 1 if any)",
+    )
+    verify.add_argument(
+        "--quiet", action="store_true", help="no progress, no summary: only damaged files"
+    )
+    verify.set_defaults(run=_cache_verify)
     return parser
 
 

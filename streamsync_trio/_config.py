@@ -21,6 +21,7 @@ from ._reference import is_registry_host
 
 CONFIG_ENV = "STREAMSYNC_CONFIG"
 DEFAULT_CONFIG_FILE = "streamsync.toml"
+DEFAULT_MAX_BLOB_SIZE = 64 * 1024**3
 
 
 class ConfigError(Exception):
@@ -46,6 +47,9 @@ class UpstreamConfig:
     document_timeout: float = 30.0
     # Docker Hub stores official images under ``library/``; clients send bare ``alpine``.
     implicit_library: bool = False
+    # Bytes one blob of this upstream may have when no stored manifest declares its size;
+    # None: ``[storage] max_blob_size``.
+    max_blob_size: int | None = None
 
     @property
     def password(self) -> str | None:
@@ -62,6 +66,10 @@ class UpstreamConfig:
 class Config:
     storage_root: Path = Path("./data")
     max_size: int | None = None  # bytes of blobs the cache may hold; None: no cap
+    # Bytes one blob may have when no stored manifest declares its size (then that size is the
+    # bound).  Above the largest layer any common registry accepts (ECR: 52,000 MiB), far below
+    # what a lying or endless upstream would otherwise put on the disk.
+    max_blob_size: int = DEFAULT_MAX_BLOB_SIZE
     manifest_max_age_days: float = 30.0  # `cache gc` drops manifests and tags unused this long
     chunk_size: int = 1024 * 1024
     zero_copy: bool = True  # cached bytes leave with sendfile(2) where the server allows
@@ -163,6 +171,9 @@ def parse_config(data: dict[str, Any]) -> Config:
     raw_max_size = storage.get("max_size", (str, int), None)
     max_size = None if raw_max_size is None else parse_size(raw_max_size, "storage.max_size")
     manifest_max_age_days = storage.positive_number("manifest_max_age_days", 30.0)
+    max_blob_size = parse_size(
+        storage.get("max_blob_size", (str, int), DEFAULT_MAX_BLOB_SIZE), "storage.max_blob_size"
+    )
     storage.finish()
 
     stream = _Table(top.get("stream", dict, {}), "stream")
@@ -206,6 +217,7 @@ def parse_config(data: dict[str, Any]) -> Config:
     return Config(
         storage_root=Path(root),
         max_size=max_size,
+        max_blob_size=max_blob_size,
         manifest_max_age_days=manifest_max_age_days,
         chunk_size=chunk_size,
         zero_copy=zero_copy,
@@ -268,6 +280,12 @@ def _parse_upstream(raw: Any, index: int) -> UpstreamConfig:
         )
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
         raise ConfigError(f"upstream[{index}].url: {url!r} must be an http(s) URL with a host")
+    raw_max_blob_size = table.get("max_blob_size", (str, int), None)
+    max_blob_size = (
+        None
+        if raw_max_blob_size is None
+        else parse_size(raw_max_blob_size, f"upstream[{index}].max_blob_size")
+    )
     username = table.get("username", str, None)
     password_env = table.get("password_env", str, None)
     if (username is None) != (password_env is None):
@@ -286,6 +304,7 @@ def _parse_upstream(raw: Any, index: int) -> UpstreamConfig:
         max_queue=table.get("max_queue", int, 256),
         document_timeout=table.positive_number("document_timeout", 30.0),
         implicit_library=table.get("implicit_library", bool, name == "docker.io"),
+        max_blob_size=max_blob_size,
     )
     if not math.isfinite(upstream.tag_ttl) or upstream.tag_ttl < 0:
         raise ConfigError(f"upstream[{index}].tag_ttl: must be a finite number >= 0")

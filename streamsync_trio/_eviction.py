@@ -60,62 +60,82 @@ async def enforce_cap(
     is_busy: Callable[[Digest], bool],
     listing: list[tuple[float, int, Digest]] | None = None,
 ) -> Eviction:
-    """Evict down to the low-water mark if over the cap.  ``listing`` is a fresh
-    :meth:`Store.blobs_by_age` the caller already made (it is not made again)."""
-    if store.usage().bytes <= max_bytes:
-        return Eviction(0, 0, store.usage().bytes)
+    """Evict down to the low-water mark if blobs and partials together are over the cap.
+
+    ``listing`` is a fresh :meth:`Store.blobs_by_age` the caller already made (it is not made
+    again).  Partials count but are never evicted: when downloads alone exceed the cap, every
+    idle blob goes and the cache stays over it until they end."""
     if listing is None:
         listing = await trio.to_thread.run_sync(store.blobs_by_age)
+    in_flight = await trio.to_thread.run_sync(store.partial_bytes)
     store.set_usage(len(listing), sum(size for _, size, _ in listing))
-    plan = plan_eviction(listing, store.usage().bytes, int(max_bytes * LOW_WATER), is_busy)
+    if store.usage().bytes + in_flight <= max_bytes:
+        return Eviction(0, 0, store.usage().bytes)
+    target = max(0, int(max_bytes * LOW_WATER) - in_flight)
+    plan = plan_eviction(listing, store.usage().bytes, target, is_busy)
     removed = freed = 0
     for digest in plan:
         if is_busy(digest):  # may have become busy while we listed
             continue
-        freed += store.remove_blob(digest)
+        try:
+            freed += store.remove_blob(digest)
+        except OSError as exc:
+            # One blob that cannot go (a read-only directory, an I/O error) must not keep
+            # the others: log it and go on with the plan.
+            log.error("cannot evict %s: %s", store.blob_path(digest), exc)
+            continue
         removed += 1
     log.info(
-        "evicted %d blob(s), %d bytes; cache now %d bytes (cap %d)",
+        "evicted %d blob(s), %d bytes; cache now %d bytes and %d in downloads (cap %d)",
         removed,
         freed,
         store.usage().bytes,
+        in_flight,
         max_bytes,
     )
     return Eviction(removed, freed, store.usage().bytes)
 
 
 class CacheKeeper:
-    """Wakes the eviction task after commits; at most one pass runs at a time."""
+    """Wakes the eviction task after commits; at most one pass runs at a time.
 
-    def __init__(self, store: Store, max_bytes: int, is_busy: Callable[[Digest], bool]) -> None:
+    ``in_flight`` tells how many bytes this process's running downloads hold, so that a
+    commit wakes the task when blobs and downloads together pass the cap (the pass itself
+    lists every process's partials)."""
+
+    def __init__(
+        self,
+        store: Store,
+        max_bytes: int,
+        is_busy: Callable[[Digest], bool],
+        in_flight: Callable[[], int] = lambda: 0,
+    ) -> None:
         self._store = store
         self._max_bytes = max_bytes
         self._is_busy = is_busy
+        self._in_flight = in_flight
         self._pending = trio.Event()
+        self.failed_passes = 0
 
     def blob_committed(self) -> None:
-        if self._store.usage().bytes > self._max_bytes:
+        if self._store.usage().bytes + self._in_flight() > self._max_bytes:
             self._pending.set()
 
     async def run(self) -> None:
         while True:
             # Woken by a commit in this process, or by the clock: other worker processes
             # (and ``cache gc``) change the cache behind this process's running totals.
-            with trio.move_on_after(RESYNC_INTERVAL) as timer:
+            with trio.move_on_after(RESYNC_INTERVAL):
                 await self._pending.wait()
             self._pending = trio.Event()
             try:
-                listing = None
-                if timer.cancelled_caught:
-                    listing = await trio.to_thread.run_sync(self._store.blobs_by_age)
-                    self._store.set_usage(len(listing), sum(size for _, size, _ in listing))
-                await enforce_cap(self._store, self._max_bytes, self._is_busy, listing)
-            except OSError as exc:
-                log.error("eviction failed in %s: %s", self._store.root, exc)
+                await enforce_cap(self._store, self._max_bytes, self._is_busy)
             except Exception:
-                # Never let this task's failure take the app nursery (and every download
-                # in it) down: log it and keep serving; the next commit tries again.
-                log.exception("eviction failed")
+                # One failed pass must not end eviction (the cap would stop holding for
+                # good) nor this task's nursery (and every download in it): log it, and
+                # the next commit or the clock tries again.
+                self.failed_passes += 1
+                log.exception("eviction pass failed in %s", self._store.root)
 
 
 def collect_garbage(

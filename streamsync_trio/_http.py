@@ -39,14 +39,16 @@ from ._manifests import CachedManifest, ManifestService
 from ._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ._metrics import Traffic, render_own
 from ._metrics import render as render_metrics
+from ._negative import remembering
 from ._negotiation import Accept
 from ._peers import publish_periodically, read_others, withdraw
 from ._ranges import parse_range
-from ._reference import Endpoint, parse_digest, parse_v2_path
+from ._reference import Digest, Endpoint, parse_digest, parse_v2_path
 from ._routing import Route, route
 from ._status import render_status_page, status_snapshot
 from ._store import Store
-from ._streaming import DownloadRegistry, FileRange, RetryPolicy, Subscriber
+from ._streaming import DownloadRegistry, FileRange, RetryPolicy, SizeBound, Subscriber
+from ._tasks import BackgroundTasks
 from ._upstream import Upstream
 from ._zerocopy import enable_in_hypercorn, with_file_ranges, zero_copy_offered
 
@@ -205,21 +207,28 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
         if removed:
             log.warning("removed %d partial download(s) left by a previous run", removed)
         usage = await trio.to_thread.run_sync(store.scan)
+        tasks = BackgroundTasks(app.nursery)
+        app.extensions["streamsync.tasks"] = tasks
         keeper: CacheKeeper | None = None
         if config.max_size is not None:
+            # Busy: being downloaded, or read by any client (from the cache, or joined to a
+            # download and still reading after its commit: the store counts both).
             keeper = CacheKeeper(
                 store,
                 config.max_size,
                 lambda digest: downloads.get(digest) is not None or store.is_being_read(digest),
+                lambda: sum(d.available for d in downloads.in_flight() if not d.followed),
             )
-            app.nursery.start_soon(keeper.run)
-            keeper.blob_committed()  # the cap may have shrunk since the last run
+            tasks.start("eviction", keeper.run)
+            store.on_released = keeper.blob_committed  # a blob it passed by may go now
         downloads = DownloadRegistry(
             store,
             app.nursery,
             chunk_size=config.chunk_size,
             on_commit=(lambda _: keeper.blob_committed()) if keeper is not None else None,
         )
+        if keeper is not None:
+            keeper.blob_committed()  # the cap may have shrunk since the last run
         holder["state"] = ProxyState(
             config=config,
             store=store,
@@ -231,8 +240,12 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
         app.extensions["streamsync"] = holder["state"]
         peers_dir = holder["state"].peers_dir
         peers_dir.mkdir(exist_ok=True)
-        app.nursery.start_soon(
-            publish_periodically, peers_dir, partial(render_own, holder["state"])
+        tasks.start("listing expiry", holder["state"].passthrough_cache.expire_periodically)
+        tasks.start(
+            "metrics publisher",
+            publish_periodically,
+            peers_dir,
+            partial(render_own, holder["state"]),
         )
         log.info(
             "serving from cache %s (%d blobs, %d bytes); upstreams: %s",
@@ -300,13 +313,25 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
             json.dumps(status_snapshot(state())), headers={"Content-Type": "application/json"}
         )
 
+    def background_tasks() -> BackgroundTasks:
+        tasks = app.extensions["streamsync.tasks"]
+        assert isinstance(tasks, BackgroundTasks)
+        return tasks
+
     @app.route("/healthz")
     async def healthz() -> Response:
-        return Response(b'{"status":"ok"}', headers={"Content-Type": "application/json"})
+        # Alive unless this process cannot recover by itself (see ``_tasks``): then the
+        # orchestrator should replace it.  A full disk is not that; it fails readiness.
+        problems = background_tasks().liveness_problems()
+        if not problems:
+            return Response(b'{"status":"ok"}', headers={"Content-Type": "application/json"})
+        body = json.dumps({"status": "failing", "problems": problems})
+        return Response(body, status=503, headers={"Content-Type": "application/json"})
 
     @app.route("/readyz")
     async def readyz() -> Response:
-        problems = await trio.to_thread.run_sync(state().store.check_writable)
+        problems = background_tasks().readiness_problems()
+        problems += await trio.to_thread.run_sync(state().store.check_writable)
         body = json.dumps(
             {"status": "ready" if not problems else "not ready", "problems": problems}
         )
@@ -373,7 +398,7 @@ async def _blob(
     if not known and (in_flight is not None or store.blob_size(digest) is not None):
         # We hold this blob for another repository.  Serve it under this one only once the
         # upstream confirms it, asked as this repository: knowing a digest is not access.
-        await upstream.head_blob(target.repo, str(digest))
+        await _head_blob(state, upstream, target.repo, digest)
         await trio.to_thread.run_sync(store.link, upstream.name, target.repo, [digest])
         known = True
     # From here to the subscription there is no checkpoint: a download committing
@@ -394,9 +419,13 @@ async def _blob(
         size = download.size if download is not None else None
         if size is None:
             mark_source(request.scope, "upstream")
-            size = await upstream.head_blob(target.repo, str(digest))
+            size = await _head_blob(state, upstream, target.repo, digest)
         if size is None:
             raise blob_unknown(str(digest))
+        # The length a GET would refuse is not passed on either.
+        refusal = _blob_bound(state, upstream, target.repo, digest).refusal(size)
+        if refusal is not None:
+            raise refusal
         response = Response(b"", headers=headers)
         response.headers["Content-Length"] = str(size)
         return response
@@ -411,6 +440,7 @@ async def _blob(
             retry=RetryPolicy(max_retries=upstream.config.max_retries),
             origin=origin,
             group=upstream.name,
+            bound=_blob_bound(state, upstream, target.repo, digest),
         )
         if subscriber.download.verified:
             source = "cache"  # another worker committed it just now
@@ -420,15 +450,20 @@ async def _blob(
             # Another worker fetched it, maybe for another repository: knowing a digest is
             # not access, so the upstream confirms it for this one, as above.
             try:
-                await upstream.head_blob(target.repo, str(digest))
+                await _head_blob(state, upstream, target.repo, digest)
             except BaseException:
                 subscriber.close()
                 raise
     try:
-        size = await subscriber.wait_size()
+        size = await subscriber.wait_answer()
         # Several Range fields are one multi-range request, which parse_range refuses.
         ranges = request.headers.getlist("Range")
-        span = parse_range(",".join(ranges) if ranges else None, size)
+        if size is None and (ranges or request.http_version != "1.1"):
+            # A blob of unknown length goes out chunked as it arrives, except to a Range
+            # (which needs the size) and to HTTP/1.0 (which cannot tell an aborted body
+            # without a length from a complete one): these wait for the whole blob.
+            size = await subscriber.wait_size()
+        span = None if size is None else parse_range(",".join(ranges) if ranges else None, size)
     except BaseException:
         subscriber.close()
         raise
@@ -444,6 +479,15 @@ async def _blob(
         subscriber.select_range(start, end)
         status = 206
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    if end is None:
+        # Chunked: a failure then ends the body without its last chunk (hypercorn closes
+        # the connection), which a client sees as incomplete, as it would a short body.
+        # Bytes, not file ranges: this path is rare, and h11 frames each chunk itself.
+        chunked = Response(
+            _BlobBody(subscriber, state.chunk_budget, state.traffic, source), headers=headers
+        )
+        chunked.timeout = None
+        return chunked
     if request.method == "HEAD":
         subscriber.close()
         response = Response(b"", status=status, headers=headers)
@@ -462,6 +506,28 @@ async def _blob(
         response.timeout = None
     response.headers["Content-Length"] = str(end - start)
     return response
+
+
+def _blob_bound(state: ProxyState, upstream: Upstream, repo: str, digest: Digest) -> SizeBound:
+    """How large this blob may be: what the repository's stored manifests declare, or else
+    the upstream's (or the cache's) ``max_blob_size``.  Synchronous (one small read), so a
+    caller between ``open_stored`` and ``subscribe`` stays without a checkpoint."""
+    return SizeBound(
+        declared=state.store.declared_size(upstream.name, repo, digest),
+        maximum=upstream.config.max_blob_size or state.config.max_blob_size,
+    )
+
+
+async def _head_blob(
+    state: ProxyState, upstream: Upstream, repo: str, digest: Digest
+) -> int | None:
+    """The upstream's HEAD of a blob, unless it said 404 for this repository moments ago
+    (to a HEAD or to a download: the downloads' negative cache is shared)."""
+    return await remembering(
+        state.downloads.not_found,
+        ((upstream.name, repo), digest),
+        partial(upstream.head_blob, repo, str(digest)),
+    )
 
 
 async def _passthrough(

@@ -441,3 +441,10 @@ class ListingCache[K, V]:
         entry = self._entries.pop(key, None)
         if entry is not None:
             self.bytes -= entry[1]
+
+    async def expire_periodically(self) -> None:
+        """Drop entries as they expire, even when no listing request comes to do it: a
+        burst of listings must not hold its memory until the next one (a background task)."""
+        while True:
+            await trio.sleep(self.ttl)
+            self.expire()

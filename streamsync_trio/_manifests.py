@@ -32,7 +32,9 @@ from functools import partial
 
 import trio
 
+from ._descriptors import declared_sizes
 from ._errors import RegistryError
+from ._negative import NegativeCache, remembering
 from ._negotiation import (
     DEFAULT_ACCEPT,
     MANIFEST_MEDIA_TYPES,
@@ -113,6 +115,7 @@ class ManifestService:
         self._pending: dict[_PendingKey, _Pending] = {}
         self.upstream_fetches = 0  # manifest GETs sent upstream: what a pull limit counts
         self.upstream_heads = 0  # manifest HEADs sent upstream (free on Docker Hub)
+        self.not_found: NegativeCache[tuple[str, str, str, str]] = NegativeCache()
 
     async def get(
         self,
@@ -123,11 +126,22 @@ class ManifestService:
         *,
         head: bool = False,
     ) -> CachedManifest:
-        """The manifest a client with this ``Accept`` gets; with ``head``, maybe headers only."""
+        """The manifest a client with this ``Accept`` gets; with ``head``, maybe headers only.
+
+        An upstream 404 is remembered for a few seconds (``_negative``): a fleet asking for a
+        tag that does not exist must not cost the upstream one request per client.  The key
+        holds the Accept class, since a registry's 404 can depend on what the client accepts.
+        """
+        key = (upstream.name, repo, reference, accept.record_key)
         if is_digest_like(reference):
-            return await self._by_digest(upstream, repo, parse_digest(reference), accept, head)
+            digest = parse_digest(reference)
+            return await remembering(
+                self.not_found, key, partial(self._by_digest, upstream, repo, digest, accept, head)
+            )
         validate_tag(reference)
-        return await self._by_tag(upstream, repo, reference, accept, head)
+        return await remembering(
+            self.not_found, key, partial(self._by_tag, upstream, repo, reference, accept, head)
+        )
 
     # -- by digest -----------------------------------------------------------------------------
 
@@ -363,6 +377,10 @@ class ManifestService:
         """Record that ``repo`` contains this manifest and everything it references."""
         await trio.to_thread.run_sync(
             self._store.link, upstream.name, repo, [digest, *referenced_digests(body)]
+        )
+        # What the manifest declares a blob's size to be bounds its download (_streaming).
+        await trio.to_thread.run_sync(
+            self._store.note_declared_sizes, upstream.name, repo, declared_sizes(body)
         )
 
 

@@ -108,6 +108,23 @@ class ProxyCollector(Collector):
                 failures.add_metric([group, reason], count)
         yield from (fetched, resumes, downloads, failures)
 
+        negative = CounterMetricFamily(
+            "streamsync_negative_cache_hits",
+            "Requests answered 404 from the brief memory of an upstream 404 (see _negative)",
+            labels=["kind"],
+        )
+        negative.add_metric(["blob"], state.downloads.not_found.hits)
+        negative.add_metric(["manifest"], state.manifests.not_found.hits)
+        yield negative
+        checks = CounterMetricFamily(
+            "streamsync_stored_blob_checks",
+            "Stored blobs hashed on this process's first serve of them, by result",
+            labels=["result"],
+        )
+        for result, count in state.downloads.stored_checks.items():
+            checks.add_metric([result], count)
+        yield checks
+
         in_flight = state.downloads.in_flight()
         yield GaugeMetricFamily(
             "streamsync_downloads_in_flight", "Blob downloads in flight", value=len(in_flight)

@@ -9,6 +9,7 @@ or has not written for a while (a dead or hung worker), and removed when its wri
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import time
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import trio
 
+log = logging.getLogger("streamsync_trio.peers")
+
 PUBLISH_INTERVAL = 2.0
 _STALE_AFTER = 5 * PUBLISH_INTERVAL
 _SUFFIX = ".prom"
@@ -24,12 +27,23 @@ _SUFFIX = ".prom"
 
 def publish(directory: Path, text: str) -> None:
     staging = directory / f".{os.getpid()}-{secrets.token_hex(4)}.tmp"
-    staging.write_text(text)
-    os.rename(staging, directory / f"{os.getpid()}{_SUFFIX}")
+    try:
+        staging.write_text(text)
+        os.rename(staging, directory / f"{os.getpid()}{_SUFFIX}")
+    except BaseException:
+        # A full disk creates the file, then refuses its bytes: never leave it behind.
+        try:
+            staging.unlink(missing_ok=True)
+        except OSError:
+            pass  # read-only: nothing was created
+        raise
 
 
 def withdraw(directory: Path) -> None:
-    (directory / f"{os.getpid()}{_SUFFIX}").unlink(missing_ok=True)
+    try:
+        (directory / f"{os.getpid()}{_SUFFIX}").unlink(missing_ok=True)
+    except OSError as exc:  # a read-only cache: readers skip a dead worker's file anyway
+        log.warning("cannot withdraw this worker's metrics from %s: %s", directory, exc)
 
 
 def read_others(directory: Path) -> list[tuple[int, str]]:
@@ -56,10 +70,25 @@ def read_others(directory: Path) -> list[tuple[int, str]]:
 
 
 async def publish_periodically(directory: Path, render: Callable[[], str]) -> None:
-    """Runs in the app nursery for the life of the worker."""
+    """Runs in the app nursery for the life of the worker.
+
+    The cache disk can fill up or turn read-only under a running proxy.  Metrics of other
+    workers are a convenience, the proxy's serving is not: a failed write is logged (once,
+    and once more when writes work again) and tried again at the next interval.  Before, its
+    ``OSError`` escaped into the app nursery and ended every download with it."""
+    failing = False
     while True:
         text = render()
-        await trio.to_thread.run_sync(publish, directory, text)
+        try:
+            await trio.to_thread.run_sync(publish, directory, text)
+        except OSError as exc:
+            if not failing:
+                log.error("cannot publish this worker's metrics in %s: %s", directory, exc)
+            failing = True
+        else:
+            if failing:
+                log.info("publishing this worker's metrics in %s again", directory)
+            failing = False
         await trio.sleep(PUBLISH_INTERVAL)
 
 

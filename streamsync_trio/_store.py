@@ -8,6 +8,8 @@ Layout under the root::
     tags/<upstream>/<repo>/_links/<alg>-<hex>  "this repository contains this digest"
     partial/<alg>-<hex>.<nonce>       in-flight downloads; never served as complete
     leases/<alg>-<hex>                who owns an in-flight download (see ``_lease``)
+    quarantine/<kind>/<alg>/<hex>.<nonce>  content that failed its digest check (``_scrub``);
+                                      never looked at again, kept for the operator
 
 Everything visible under ``blobs/`` and ``manifests/`` got there by an atomic rename after the
 content was verified, so a crash at any moment leaves either the old state or the new, never a
@@ -15,21 +17,28 @@ torn file under a content address.  Partials nobody owns (a crashed process left
 unverifiable leftovers and are removed at start; those of other live workers are kept.
 
 This is one of the two seams design.md §8 asks to keep clean (put partial, commit, open): the
-methods are synchronous and do no hashing or networking, so a shared-filesystem or object-store
-implementation can replace this class without touching the streaming core.
+methods are synchronous and do no networking, and no hashing beyond the small manifests they
+read back, so a shared-filesystem or object-store implementation can replace this class
+without touching the streaming core.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import re
 import secrets
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from ._lease import remove_abandoned
 from ._reference import Digest
+
+log = logging.getLogger("streamsync_trio.store")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +63,7 @@ class Store:
         self._tags = self.root / "tags"
         self.partial_dir = self.root / "partial"
         self.lease_dir = self.root / "leases"
+        self.quarantine_dir = self.root / "quarantine"  # made when first needed
         for directory in (
             self._blobs,
             self._manifests,
@@ -67,15 +77,13 @@ class Store:
         self._blob_count = 0
         self._blob_bytes = 0
         self._readers: dict[Digest, int] = {}
+        # Called when the last reader of a blob lets go: a pass that had to pass it by can
+        # now bring the cache under its cap (the eviction task sets it).
+        self.on_released: Callable[[], None] | None = None
 
     def scan(self) -> Usage:
-        count = size = 0
-        for algorithm in self._blobs.iterdir():
-            for entry in os.scandir(algorithm):
-                if entry.is_file(follow_symlinks=False):
-                    count += 1
-                    size += entry.stat(follow_symlinks=False).st_size
-        self._blob_count, self._blob_bytes = count, size
+        listing = self.blobs_by_age()
+        self._blob_count, self._blob_bytes = len(listing), sum(size for _, size, _ in listing)
         return self.usage()
 
     def usage(self) -> Usage:
@@ -86,9 +94,15 @@ class Store:
         probe = self.partial_dir / f".probe-{secrets.token_hex(4)}"
         try:
             probe.write_bytes(b"ok")
-            probe.unlink()
         except OSError as exc:
             return [f"cache {self.partial_dir} is not writable: {exc.strerror}"]
+        finally:
+            # A full disk creates the file and then refuses the byte: remove it either way,
+            # or every probe of a full cache leaves an empty file behind.
+            try:
+                probe.unlink(missing_ok=True)
+            except OSError:
+                pass  # a read-only cache has no probe to remove
         return []
 
     def remove_leftover_partials(self) -> int:
@@ -117,12 +131,20 @@ class Store:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
-        self._readers[digest] = self._readers.get(digest, 0) + 1
+        self.hold(digest)
         try:
             os.utime(fd)
         except OSError:
             pass  # a read-only cache still serves; it just cannot keep its LRU order
         return fd
+
+    def hold(self, digest: Digest) -> None:
+        """Count one more reader of ``digest`` until :meth:`release`: eviction passes it by.
+
+        Not only readers of the stored file: a client that joined a download reads the same
+        inode after the commit renames it into place, and deleting it under them would throw
+        the cached copy away exactly while it is in demand (issue 14, defect 12)."""
+        self._readers[digest] = self._readers.get(digest, 0) + 1
 
     def release(self, digest: Digest) -> None:
         left = self._readers.get(digest, 0) - 1
@@ -130,20 +152,45 @@ class Store:
             self._readers[digest] = left
         else:
             self._readers.pop(digest, None)
+            if self.on_released is not None:
+                self.on_released()
 
     def is_being_read(self, digest: Digest) -> bool:
         return digest in self._readers
 
     def blobs_by_age(self) -> list[tuple[float, int, Digest]]:
-        """(last use, size, digest) of every stored blob, least recently used first."""
+        """(last use, size, digest) of every stored blob, least recently used first.
+
+        Ties (file times are coarse: two blobs committed in one tick share one) are broken
+        by the digest's text; :class:`Digest` itself has no order, and sorting the tuples
+        as they are compared two Digests and failed every eviction pass (issue 14)."""
         found = []
         for algorithm in self._blobs.iterdir():
             for entry in os.scandir(algorithm):
-                if entry.is_file(follow_symlinks=False):
+                try:
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
                     stat = entry.stat(follow_symlinks=False)
-                    found.append((stat.st_mtime, stat.st_size, Digest(algorithm.name, entry.name)))
-        found.sort()
+                except FileNotFoundError:
+                    continue  # evicted meanwhile, by another worker or ``cache gc``
+                found.append((stat.st_mtime, stat.st_size, Digest(algorithm.name, entry.name)))
+        found.sort(key=lambda item: (item[0], item[1], str(item[2])))
         return found
+
+    def partial_bytes(self) -> int:
+        """Bytes the in-flight downloads of every process on this cache hold on disk.
+
+        They count against the cap too: a cap that sees only committed blobs lets the disk
+        fill with downloads it then cannot commit."""
+        total = 0
+        for entry in os.scandir(self.partial_dir):
+            if entry.name.startswith("."):
+                continue  # probes and other transient files
+            try:
+                total += entry.stat(follow_symlinks=False).st_size
+            except FileNotFoundError:
+                continue  # committed or removed meanwhile
+        return total
 
     def set_usage(self, blobs: int, size: int) -> None:
         """Correct the running totals from a fresh listing (another process may have evicted)."""
@@ -180,6 +227,7 @@ class Store:
             "manifests": sum(1 for p in self._manifests.rglob("*") if p.is_file()),
             "tags": sum(1 for p in self._tags.rglob("_tags/*") if p.is_file()),
             "partials": sum(1 for p in self.partial_dir.iterdir() if not p.name.startswith(".")),
+            "quarantined": sum(1 for p in self.quarantine_dir.rglob("*") if p.is_file()),
         }
 
     def new_partial(self, digest: Digest) -> Path:
@@ -196,6 +244,12 @@ class Store:
         final = self.blob_path(digest)
         final.parent.mkdir(parents=True, exist_ok=True)
         replaced = final.exists()
+        try:
+            # The LRU clock starts at the commit: the blob its clients are still reading is
+            # the most recently used, never the first victim of the next eviction pass.
+            os.utime(partial)
+        except OSError:
+            pass  # the order is a preference; the commit is what matters
         os.rename(partial, final)
         if not replaced:
             self._blob_count += 1
@@ -207,18 +261,95 @@ class Store:
     def _manifest_path(self, digest: Digest) -> Path:
         return self._manifests / digest.algorithm / digest.hex
 
+    def manifest_path(self, digest: Digest) -> Path:
+        return self._manifest_path(digest)
+
     def read_manifest(self, digest: Digest) -> tuple[bytes, str] | None:
+        """The stored body and media type, or None: not stored, or stored damaged.
+
+        The body is hashed on every read: a manifest is a few KiB read whole (hashing one
+        costs microseconds), and a flipped bit on disk must become a cache miss, fetched
+        afresh, not a manifest whose content no longer matches the digest it is served as.
+        The damaged file is quarantined, so the next read does not meet it again."""
         path = self._manifest_path(digest)
         try:
-            raw = path.read_bytes()
+            with open(path, "rb") as file:
+                raw = file.read()
+                stat = os.fstat(file.fileno())
             os.utime(path)  # last use, for `cache gc`
         except FileNotFoundError:
             return None
-        media_type, _, body = raw.partition(b"\n")
-        return body, media_type.decode()
+        body, media_type = split_manifest_record(raw)
+        if not manifest_record_ok(digest, body, media_type):
+            log.error("stored manifest %s does not match its digest; quarantined", path)
+            self.quarantine("manifests", path, (stat.st_dev, stat.st_ino))
+            return None
+        return body, media_type
 
     def write_manifest(self, digest: Digest, body: bytes, media_type: str) -> None:
         _atomic_write(self._manifest_path(digest), media_type.encode() + b"\n" + body)
+
+    # -- integrity (``_scrub``) --------------------------------------------------------------
+
+    def content_files(self) -> Iterator[tuple[str, Path]]:
+        """``("blobs" | "manifests", path)`` of every file stored under a content address.
+
+        Only those: partials (never complete), leases and the temporary files of atomic
+        writes (their names start with a dot) are not content yet and are not listed."""
+        for kind, top in (("blobs", self._blobs), ("manifests", self._manifests)):
+            for algorithm in sorted(top.iterdir()):
+                if not algorithm.is_dir() or algorithm.name.startswith("."):
+                    continue
+                for entry in sorted(os.scandir(algorithm), key=lambda e: e.name):
+                    if not entry.name.startswith(".") and entry.is_file(follow_symlinks=False):
+                        yield kind, Path(entry.path)
+
+    def quarantine(self, kind: str, path: Path, identity: tuple[int, int]) -> Path | None:
+        """Move the file at ``path`` (a ``kind`` of :meth:`content_files`) found damaged to
+        ``quarantine/``, where nothing looks for content; returns where it went.
+
+        ``identity`` is the (device, inode) that was checked.  A running proxy may have
+        replaced the file meanwhile (a fresh, verified download renamed over the path): that
+        one is good and stays, and None says nothing was moved."""
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:
+            return None  # evicted or quarantined by someone else meanwhile
+        if (stat.st_dev, stat.st_ino) != identity:
+            return None
+        target = (
+            self.quarantine_dir / kind / path.parent.name / f"{path.name}.{secrets.token_hex(4)}"
+        )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(path, target)
+        moved = os.stat(target)
+        if (moved.st_dev, moved.st_ino) != identity:
+            # Replaced between the stat and the rename (a window of microseconds): put the
+            # good file back.  Content-addressed, so anything now at the path is the same.
+            os.rename(target, path)
+            return None
+        if kind == "blobs":
+            self._blob_count -= 1
+            self._blob_bytes -= moved.st_size
+        return target
+
+    def links(self) -> Iterator[tuple[str, str, Digest, Path]]:
+        """``(upstream, repository, digest, path)`` of every repository link marker."""
+        for links_dir in sorted(self._tags.glob("*/**/_links")):
+            parts = links_dir.relative_to(self._tags).parts
+            if len(parts) < 3 or not links_dir.is_dir():
+                continue
+            upstream, repo = parts[0], "/".join(parts[1:-1])
+            for entry in sorted(os.scandir(links_dir), key=lambda e: e.name):
+                algorithm, dash, hex_ = entry.name.partition("-")
+                if entry.name.startswith(".") or not dash:
+                    continue  # a temporary file of note_declared_sizes
+                yield upstream, repo, Digest(algorithm, hex_), Path(entry.path)
+
+    def has_partial(self, digest: Digest) -> bool:
+        """Whether a download of ``digest`` is in flight in some process on this cache."""
+        prefix = f"{digest.algorithm}-{digest.hex}."
+        return any(entry.name.startswith(prefix) for entry in os.scandir(self.partial_dir))
 
     # -- tags --------------------------------------------------------------------------------
 
@@ -270,6 +401,59 @@ class Store:
             if not path.exists():
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.touch()
+
+    # The size a stored manifest of the repository declares for a digest (``_descriptors``)
+    # is kept in the link file itself: the link says "this repository contains the digest",
+    # and the size is what the repository's manifests say about it.  Per repository, not per
+    # digest: a manifest anyone can push elsewhere must not set the bound of our pulls here.
+
+    def note_declared_sizes(self, upstream: str, repo: str, sizes: dict[Digest, int]) -> None:
+        """Record the sizes a manifest of ``repo`` declares (and link the digests)."""
+        for digest, size in sizes.items():
+            path = self._link_path(upstream, repo, digest)
+            content = str(size).encode()
+            try:
+                if path.read_bytes() == content:
+                    continue
+            except FileNotFoundError:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            # Renamed into place, so a reader never sees half a number; not fsynced (one per
+            # layer would cost more than it saves): after a crash a link may be empty, which
+            # only means "no declared size".
+            tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+            try:
+                tmp.write_bytes(content)
+                os.rename(tmp, path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+
+    def declared_size(self, upstream: str, repo: str, digest: Digest) -> int | None:
+        """The size ``repo``'s stored manifests declare for ``digest``; None if none does."""
+        try:
+            content = self._link_path(upstream, repo, digest).read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        text = content.decode("ascii", "replace")
+        return int(text) if text.isdigit() and len(text) <= 16 else None
+
+
+def split_manifest_record(raw: bytes) -> tuple[bytes, str]:
+    """(body, media type) of a stored manifest file: a media-type line, then the body."""
+    media_type, _, body = raw.partition(b"\n")
+    return body, media_type.decode("utf-8", "replace")
+
+
+# type "/" subtype, RFC 6838 characters: what every manifest media type looks like.
+_MEDIA_TYPE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*")
+
+
+def manifest_record_ok(digest: Digest, body: bytes, media_type: str) -> bool:
+    """Whether a stored manifest is intact: the body hashes to its digest, and the media-type
+    line (which no digest covers) still reads as a media type."""
+    if _MEDIA_TYPE_RE.fullmatch(media_type) is None:
+        return False
+    return hashlib.new(digest.algorithm, body).hexdigest() == digest.hex
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -18,6 +18,19 @@ This module is the heart of the proxy and knows nothing of HTTP.  Its contract:
   is removed and the entry leaves the registry, so the next request starts afresh.
 * Success fsyncs, renames into the store, and only then drops the registry entry: a request
   either finds the download or the stored blob, never neither.
+* Every download is bounded (:class:`SizeBound`): by the size a stored manifest declares for
+  the blob, which the upstream's length must match, or else by a maximum size; a length
+  above the bound, or a body growing past it, fails the download before the disk fills.  A
+  known length must also fit in the cache's free space before the first byte is written.
+* A blob of unknown length (no ``Content-Length``, no declared size) is still streamed: the
+  subscribers learn that the upstream answered (:meth:`Subscriber.wait_answer`) without a
+  size, and hold back the last byte written until the end is verified.
+* A stored blob is checked too, once per process: the first time this process serves it (or
+  when the file at its path is another file than the one checked), a checker hashes it while
+  its subscribers read it, and they hold back the last byte until the digest matches, like
+  joiners of a download.  A damaged blob is quarantined, its bodies end short, and the next
+  request downloads it afresh.  Blobs already checked, or committed by a download, are served
+  with no check at all (see :class:`TrustedBlobs`).
 
 Subscriber waits are wrapped in cancel scopes inside plain ``async def`` methods, never around a
 ``yield`` (PEP 789): the HTTP body just calls :meth:`Subscriber.read` (or
@@ -37,6 +50,7 @@ import platform
 import random
 import sys
 import threading
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -48,7 +62,9 @@ import trio
 
 from ._errors import RegistryError, upstream_timeout, upstream_unavailable
 from ._lease import Followed, Owned, claim, is_same_file
+from ._negative import NegativeCache
 from ._reference import Digest
+from ._scrub import hash_step
 
 if TYPE_CHECKING:
     from ._store import Store
@@ -66,6 +82,65 @@ FOLLOW_INTERVAL = 0.02
 
 # Claiming a digest retries when its owner ends mid-claim; this many times, then 503.
 _START_ATTEMPTS = 5
+
+# Free space a download of known size must leave on the cache's file system: room for what
+# is written besides blobs (manifests, tag records and links, the workers' metrics files,
+# the file system's own metadata).  Small, so a small cache disk can still take its blobs.
+FREE_SPACE_MARGIN = 32 * 1024 * 1024
+
+# What a client hears when the cache has no room for a blob: come back later (eviction or
+# finishing downloads change the picture), no sooner than this.
+_NO_ROOM_RETRY_AFTER = "30"
+
+# Checking a stored blob on its first serve: bytes hashed per worker-thread hop (about 13 ms
+# of sha256 here, so a shutdown is not held up, and the hop costs under 1 %), and how many
+# hops run at once (hashing is CPU work: more threads than cores only share the cores).
+CHECK_STEP = 16 * 1024 * 1024
+CHECK_THREADS = 2
+# How many checked blobs a process remembers (about 400 bytes each: ~6 MiB at most).  A blob
+# forgotten is checked again on its next serve, which costs time, never correctness.
+TRUSTED_MAX = 16384
+
+
+@dataclass(frozen=True, slots=True)
+class SizeBound:
+    """How large a blob may be, decided before its download starts.
+
+    ``declared``: the size the repository's stored manifests give the blob's descriptor.  The
+    digest of a manifest was verified, so this is the publisher's word: an upstream that
+    announces another length is wrong (502, nothing cached), and an upstream that announces
+    none is held to it.  ``maximum``: the bound for a blob no manifest we hold describes
+    (``max_blob_size``).  None: unbounded (the core's own tests).
+    """
+
+    declared: int | None = None
+    maximum: int | None = None
+
+    def refusal(self, announced: int) -> RegistryError | None:
+        """Why a blob the upstream announces as ``announced`` bytes is refused; None if not."""
+        if self.declared is not None:
+            if announced != self.declared:
+                return _size_invalid(
+                    f"the upstream announces {announced} bytes, "
+                    f"its manifest declares {self.declared}"
+                )
+            return None
+        if self.maximum is not None and announced > self.maximum:
+            return _too_large(f"the upstream announces {announced} bytes", self.maximum)
+        return None
+
+
+def _too_large(what: str, maximum: int) -> RegistryError:
+    return _Refused(
+        502,
+        "SIZE_INVALID",
+        f"upstream blob too large: {what}, above the limit of {maximum} (max_blob_size)",
+    )
+
+
+class _Refused(RegistryError):
+    """A download refused on policy (size bound, free space): final, never retried, since
+    asking again would get the same answer."""
 
 
 class BlobBody(Protocol):
@@ -117,7 +192,11 @@ class RetryPolicy:
 def _is_transient(error: RegistryError) -> bool:
     """Worth another attempt: the upstream faltered or asked us to wait.  Wrong content is
     not transient: asking again for what the upstream sent wrong would only hammer it."""
-    return error.status in (429, 502, 503, 504) and error.code not in _CONTENT_ERRORS
+    return (
+        error.status in (429, 502, 503, 504)
+        and error.code not in _CONTENT_ERRORS
+        and not isinstance(error, _Refused)
+    )
 
 
 _CONTENT_ERRORS = ("DIGEST_INVALID", "SIZE_INVALID")
@@ -150,6 +229,8 @@ class DownloadStats:
 
 
 def _failure_reason(error: RegistryError) -> str:
+    if isinstance(error, _Refused):
+        return "too_large" if error.status == 502 else "no_space"
     if error.code == "DIGEST_INVALID":
         return "digest_mismatch"
     if error.code == "SIZE_INVALID":
@@ -161,9 +242,15 @@ class Download:
     """The shared state of one in-flight blob.  Mutated only by its producer."""
 
     def __init__(
-        self, digest: Digest, path: Path, origin: Hashable = None, group: str = ""
+        self,
+        digest: Digest,
+        path: Path,
+        origin: Hashable = None,
+        group: str = "",
+        bound: SizeBound = SizeBound(),
     ) -> None:
         self.digest = digest
+        self.bound = bound
         self.group = group  # for statistics: the proxy counts per upstream
         self.started_at = trio.current_time()
         # Whom the source fetches as (for the proxy: upstream and repository).  Joining under
@@ -184,6 +271,9 @@ class Download:
         # The owner tells other processes the size as soon as it knows it.
         self._on_size: Callable[[int], None] | None = None
         self._size_known = trio.Event()  # set once size is known, or on failure
+        # Set once the upstream answered with a body (its size maybe still unknown), or on
+        # failure: what a response must wait for before it sends its status.
+        self._answered = trio.Event()
         self._finished = trio.Event()  # set on commit or on failure
         self._wakeups: set[trio.MemorySendChannel[None]] = set()
         self._scopes: set[trio.CancelScope] = set()
@@ -205,6 +295,7 @@ class Download:
     def _set_size(self, size: int) -> None:
         self.size = size
         self._size_known.set()
+        self._answered.set()
         if self._on_size is not None:
             self._on_size(size)
 
@@ -220,6 +311,7 @@ class Download:
         for scope in self._scopes:
             scope.cancel()
         self._size_known.set()
+        self._answered.set()
         self._finished.set()
         self._wake_all()
 
@@ -271,24 +363,39 @@ class Subscriber:
         assert self.download.size is not None
         return self.download.size
 
+    async def wait_answer(self) -> int | None:
+        """Wait until the upstream answered with a body; the blob's size, or None when the
+        upstream did not say (the body then ends when the upstream's does)."""
+        await self._guarded(self.download._answered.wait)
+        if self.download.failure is not None:
+            raise self.download.failure
+        return self.download.size
+
     @property
-    def end(self) -> int:
-        assert self.download.size is not None, "call wait_size() first"
+    def end(self) -> int | None:
+        """Where this subscriber's bytes end; None while the blob's size is unknown."""
         return self.download.size if self._end is None else self._end
 
     async def _next_count(self, max_bytes: int) -> int:
         """Wait until bytes at ``offset`` are safe to send; how many, up to ``max_bytes``
         (0 at the end of the range)."""
         download = self.download
-        end = self.end
         while True:
             if download.failure is not None:
                 raise download.failure
-            if self.offset >= end:
+            end = self.end  # re-read: a blob of unknown size learns it at its end
+            if end is not None and self.offset >= end:
                 return 0
             # The last byte of every range waits for verification: a client can never
-            # receive a complete body whose content was not checked.
-            limit = end if download.verified else min(download.available, end - 1)
+            # receive a complete body whose content was not checked.  Of unknown size, the
+            # last byte written so far is held back: it may be the blob's last.
+            if download.verified:
+                assert end is not None
+                limit = end
+            elif end is None:
+                limit = download.available - 1
+            else:
+                limit = min(download.available, end - 1)
             if self.offset < limit:
                 return min(max_bytes, limit - self.offset)
             await self._guarded(self._wake_receive.receive)
@@ -514,13 +621,52 @@ def read_stored(
     digest: Digest, fd: int, path: Path, on_close: Callable[[], None] | None = None
 ) -> Subscriber:
     """A subscriber over a blob already in the store (open at ``fd``): nothing in flight."""
-    size = os.fstat(fd).st_size
+    return Subscriber(_verified(digest, path, os.fstat(fd).st_size), fd, on_close)
+
+
+def _verified(digest: Digest, path: Path, size: int) -> Download:
+    """The state of a blob whose ``size`` bytes are all there and checked."""
     download = Download(digest, path)
     download.available = size
     download.verified = True
     download._set_size(size)
     download._finished.set()
-    return Subscriber(download, fd, on_close)
+    return download
+
+
+class TrustedBlobs:
+    """The stored blobs this process has checked (or committed), by the identity of the file
+    checked: (device, inode, size).  Bounded; the least recently served are forgotten first.
+
+    Not the modification time, although a change in it would be the usual sign: here it is
+    the LRU clock, which every serve (of any worker process) moves.  Nothing in the proxy
+    writes a stored file in place; a blob that comes again is a new file (a new inode), and
+    that is what the identity catches.  A bit that rots in a file already checked is what
+    ``cache verify`` is for.
+    """
+
+    def __init__(self, limit: int = TRUSTED_MAX) -> None:
+        self._limit = limit
+        self._entries: OrderedDict[Digest, tuple[int, int, int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def trusts(self, digest: Digest, identity: tuple[int, int, int]) -> bool:
+        if self._entries.get(digest) != identity:
+            return False
+        self._entries.move_to_end(digest)
+        return True
+
+    def add(self, digest: Digest, identity: tuple[int, int, int]) -> None:
+        self._entries[digest] = identity
+        self._entries.move_to_end(digest)
+        while len(self._entries) > self._limit:
+            self._entries.popitem(last=False)
+
+
+def _identity(stat: os.stat_result) -> tuple[int, int, int]:
+    return (stat.st_dev, stat.st_ino, stat.st_size)
 
 
 class DownloadRegistry:
@@ -537,8 +683,21 @@ class DownloadRegistry:
         *,
         chunk_size: int = 1024 * 1024,
         on_commit: Callable[[Download], None] | None = None,
+        disk_free: Callable[[], int] | None = None,
+        check_stored: bool = True,
     ) -> None:
         self._store = store
+        # Stored blobs checked in this process, and the checks running (see open_stored).
+        self._checking_stored = check_stored
+        self.trusted = TrustedBlobs()
+        self._checks: dict[Digest, tuple[tuple[int, int, int], Download]] = {}
+        self._check_limiter = trio.CapacityLimiter(CHECK_THREADS)
+        self.stored_checks = {"verified": 0, "damaged": 0}
+        # Bytes free for us on the cache's file system (a parameter so tests can fill it).
+        self._disk_free = disk_free or partial(_disk_free, store.root)
+        # Upstream 404s by (origin, digest): a storm of requests for a missing blob costs one
+        # upstream request per ``_negative.TTL``.
+        self.not_found: NegativeCache[tuple[Hashable, Digest]] = NegativeCache()
         self._on_commit = on_commit
         self._nursery = nursery
         self._chunk_size = chunk_size
@@ -572,17 +731,21 @@ class DownloadRegistry:
         retry: RetryPolicy,
         origin: Hashable = None,
         group: str = "",
+        bound: SizeBound = SizeBound(),
     ) -> Subscriber:
         """Join the download of ``digest``, starting one (with ``source``) if none is running.
 
         Synchronous on purpose: looking up, creating and joining happen in one scheduling
-        step, so two requests can never both start a producer for one digest.
+        step, so two requests can never both start a producer for one digest.  ``bound``
+        applies to a download this call starts.  Raises the upstream's 404 without asking
+        it again when it answered so for ``origin`` moments ago.
         """
         download = self._downloads.get(digest)
         if download is not None:
-            return Subscriber(download)
+            return self._join(download)
+        self.not_found.check((origin, digest))
         try:
-            return self._start(digest, source, stall_timeout, retry, origin, group)
+            return self._start(digest, source, stall_timeout, retry, origin, group, bound)
         except OSError as exc:
             log.error("cannot start the download of %s: %s", digest, exc)
             raise RegistryError(500, "UNKNOWN", "cache write failed") from None
@@ -595,6 +758,7 @@ class DownloadRegistry:
         retry: RetryPolicy,
         origin: Hashable,
         group: str,
+        bound: SizeBound,
     ) -> Subscriber:
         """Own the download, or follow the process that owns it (see ``_lease``)."""
         store = self._store
@@ -607,7 +771,9 @@ class DownloadRegistry:
                 ) from None
             subscriber: Subscriber | None
             if isinstance(lease, Owned):
-                subscriber = self._own(digest, lease, source, stall_timeout, retry, origin, group)
+                subscriber = self._own(
+                    digest, lease, source, stall_timeout, retry, origin, group, bound
+                )
             else:
                 subscriber = self._follow_owner(digest, lease, origin, group)
             if subscriber is not None:
@@ -625,13 +791,14 @@ class DownloadRegistry:
         retry: RetryPolicy,
         origin: Hashable,
         group: str,
+        bound: SizeBound,
     ) -> Subscriber:
         """Start the download we just claimed; on any error, let go of the claim at once
         (a leaked lease would block this digest in every worker)."""
         try:
             # The caller found nothing stored, but another process may have committed
             # since; its lease is gone then, and we must not fetch the blob again.
-            stored = self.open_stored(digest)
+            stored = self.open_stored(digest, just_committed=True)
             if stored is not None:
                 lease.abandon()
                 return stored
@@ -640,7 +807,7 @@ class DownloadRegistry:
             lease.abandon()
             raise
         try:
-            download = Download(digest, lease.partial, origin, group)
+            download = Download(digest, lease.partial, origin, group, bound)
             download._on_size = partial(_publish_size, lease, digest)
             self._nursery.start_soon(
                 self._produce, download, fd, lease, source, stall_timeout, retry
@@ -653,7 +820,7 @@ class DownloadRegistry:
         self._downloads[digest] = download
         self._stats(download).started += 1
         log.info("download %s started", digest, extra=_event("download_start", download))
-        return Subscriber(download)
+        return self._join(download)
 
     def _follow_owner(
         self, digest: Digest, lease: Followed, origin: Hashable, group: str
@@ -664,7 +831,7 @@ class DownloadRegistry:
         except FileNotFoundError:
             # The owner ended between the two steps: committed, or failed.
             lease.close()
-            return self.open_stored(digest)
+            return self.open_stored(digest, just_committed=True)
         except BaseException:
             lease.close()
             raise
@@ -683,16 +850,136 @@ class DownloadRegistry:
             digest,
             extra=_event("download_follow", download),
         )
-        return Subscriber(download)
+        return self._join(download)
 
-    def open_stored(self, digest: Digest) -> Subscriber | None:
+    def _join(self, download: Download) -> Subscriber:
+        """A subscriber that counts as a reader of the digest until it closes: after the
+        commit it goes on reading the stored blob, which eviction must leave alone."""
+        subscriber = Subscriber(download, on_close=partial(self._store.release, download.digest))
+        self._store.hold(download.digest)
+        return subscriber
+
+    def open_stored(self, digest: Digest, *, just_committed: bool = False) -> Subscriber | None:
         """A subscriber over the stored blob (marked as being read until it closes), or None
-        when it is not stored.  Raises ``OSError`` when it is stored but cannot be opened."""
+        when it is not stored.  Raises ``OSError`` when it is stored but cannot be opened.
+
+        A blob this process has not checked yet is served while a checker hashes it, with
+        its last byte held back until the digest matches (see :meth:`_check_stored`).
+        ``just_committed``: the caller found no blob a moment ago (no checkpoint since) and
+        then no download either, so the file was renamed into place in between by the
+        process that verified it: trusted as if committed here."""
         fd = self._store.open_blob(digest)
         if fd is None:
             return None
-        return read_stored(
-            digest, fd, self._store.blob_path(digest), partial(self._store.release, digest)
+        on_close = partial(self._store.release, digest)
+        path = self._store.blob_path(digest)
+        try:
+            identity = _identity(os.fstat(fd))
+            if just_committed:
+                self.trusted.add(digest, identity)
+            if not self._checking_stored or self.trusted.trusts(digest, identity):
+                return read_stored(digest, fd, path, on_close)
+            download = self._checked(digest, fd, path, identity)
+        except BaseException:
+            os.close(fd)
+            on_close()
+            raise
+        if download is None:
+            os.close(fd)
+            on_close()
+            return None  # it was damaged: quarantined, and the caller downloads it
+        return Subscriber(download, fd, on_close)
+
+    def _checked(
+        self, digest: Digest, fd: int, path: Path, identity: tuple[int, int, int]
+    ) -> Download | None:
+        """The check of this stored file: the one running, or a new one; None when the blob
+        is found damaged at once (an empty file: nothing to hold back, so it is judged
+        before any header goes out)."""
+        running = self._checks.get(digest)
+        if running is not None and running[0] == identity:
+            return running[1]
+        size = identity[2]
+        if size == 0:
+            if hashlib.new(digest.algorithm).hexdigest() == digest.hex:
+                self.trusted.add(digest, identity)
+                return _verified(digest, path, 0)
+            self._damaged(digest, path, identity, "is empty")
+            return None
+        download = Download(digest, path)
+        download.available = size
+        download._set_size(size)
+        checker_fd = os.dup(fd)
+        try:
+            self._nursery.start_soon(self._check_stored, download, checker_fd, identity)
+        except BaseException:
+            os.close(checker_fd)
+            raise
+        self._store.hold(digest)  # until the check ends, whoever leaves meanwhile
+        self._checks[digest] = (identity, download)
+        return download
+
+    async def _check_stored(
+        self, download: Download, fd: int, identity: tuple[int, int, int]
+    ) -> None:
+        """Hash a stored blob while it is being served; never raises.
+
+        Its subscribers read the file as it is (every byte is there) but hold back the last
+        one, so a damaged blob is never served complete.  The checker reads the same pages
+        they do, so the disk is read once; what it adds is the hashing, in a worker thread.
+        """
+        digest = download.digest
+        problem = "does not match its digest"
+        try:
+            hasher = hashlib.new(digest.algorithm)
+            offset, size = 0, identity[2]
+            while offset < size:
+                got = await trio.to_thread.run_sync(
+                    hash_step, fd, hasher, offset, CHECK_STEP, limiter=self._check_limiter
+                )
+                if not got:
+                    break
+                offset += got
+            if offset == size and hasher.hexdigest() == digest.hex:
+                self.trusted.add(digest, identity)
+                self.stored_checks["verified"] += 1
+                download.verified = True
+                download._finished.set()
+                download._wake_all()
+                return
+        except OSError as exc:
+            problem = f"cannot be read ({exc.strerror})"
+        except trio.Cancelled:
+            download._fail(RegistryError(503, "UNAVAILABLE", "the proxy is shutting down"))
+            raise
+        except Exception as exc:
+            log.exception("checking stored blob %s: unexpected error", digest)
+            download._fail(RegistryError(500, "UNKNOWN", f"internal error: {type(exc).__name__}"))
+            return
+        finally:
+            os.close(fd)
+            if self._checks.get(digest, (None, None))[1] is download:
+                del self._checks[digest]
+            self._store.release(digest)
+        # One step, no checkpoint: the file leaves the store before the bodies end, so a
+        # client retrying at once already misses it and downloads the blob afresh.
+        self._damaged(digest, download.path, identity, problem)
+        download._fail(RegistryError(500, "UNKNOWN", "the cached blob is damaged; retry"))
+
+    def _damaged(
+        self, digest: Digest, path: Path, identity: tuple[int, int, int], problem: str
+    ) -> None:
+        self.stored_checks["damaged"] += 1
+        try:
+            moved = self._store.quarantine("blobs", path, identity[:2])
+        except OSError as exc:
+            log.error("stored blob %s %s, and cannot be quarantined: %s", path, problem, exc)
+            return
+        log.error(
+            "stored blob %s %s; moved to %s, the next request downloads it afresh",
+            path,
+            problem,
+            moved,
         )
 
     # -- a follower ------------------------------------------------------------------------
@@ -714,6 +1001,9 @@ class DownloadRegistry:
                         download._set_size(size)
                 written = os.fstat(hold).st_size
                 if written > download.available:
+                    # Bytes in the partial: the owner's upstream answered, even if with no
+                    # length (then the size comes only at the end).
+                    download._answered.set()
                     download.available = written
                     download._wake_all()
                 if ended:
@@ -786,11 +1076,16 @@ class DownloadRegistry:
                 extra=_event("download_fail", download, reason=_failure_reason(error)),
             )
             self._stats(download).failed(_failure_reason(error))
+            self.not_found.note((download.origin, download.digest), error)
             download._fail(error)
         except OSError as exc:
             log.error("download %s: disk error on %s: %s", download.digest, download.path, exc)
-            self._stats(download).failed("disk")
-            download._fail(RegistryError(500, "UNKNOWN", "cache write failed"))
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                self._stats(download).failed("no_space")
+                download._fail(_no_room("the cache's disk is full"))
+            else:
+                self._stats(download).failed("disk")
+                download._fail(RegistryError(500, "UNKNOWN", "cache write failed"))
         except trio.Cancelled:
             self._stats(download).failed("shutdown")
             download._fail(RegistryError(503, "UNAVAILABLE", "the proxy is shutting down"))
@@ -821,6 +1116,11 @@ class DownloadRegistry:
         either this download or the stored blob."""
         download.verified = True
         self._drop(download)
+        try:
+            # Verified on its way in: trusted as stored, with no check on its next serve.
+            self.trusted.add(download.digest, _identity(os.stat(download.path)))
+        except OSError:
+            pass  # evicted already; the next serve checks whatever is there then
         download._finished.set()
         download._wake_all()
         if self._on_commit is not None:
@@ -891,11 +1191,7 @@ class DownloadRegistry:
     ) -> None:
         download.upstream_requests += 1
         async with source(download.available) as body:
-            if body.total_size is not None:
-                if download.size is None:
-                    download._set_size(body.total_size)
-                elif download.size != body.total_size:
-                    raise upstream_unavailable("blob", "size changed between attempts")
+            self._admit(download, body.total_size)
             if body.offset > download.available:
                 raise upstream_unavailable("blob", "upstream resumed past the requested offset")
             # An upstream that ignores Range starts again at 0: skip what we already have.
@@ -917,9 +1213,12 @@ class DownloadRegistry:
                         skip -= dropped
                         if not chunk:
                             continue
-                    size = download.size
-                    if size is not None and download.available + len(batch) + len(chunk) > size:
-                        raise _size_invalid("upstream sent more bytes than announced")
+                    size, maximum = download.size, download.bound.maximum
+                    total = download.available + len(batch) + len(chunk)
+                    if size is not None and total > size:
+                        raise _size_invalid(f"the upstream sent more than its {size} bytes")
+                    if size is None and maximum is not None and total > maximum:
+                        raise _too_large("the upstream sent more without a length", maximum)
                     if not batch:
                         batch_started = trio.current_time()
                     batch += chunk
@@ -935,6 +1234,54 @@ class DownloadRegistry:
                 raise
             await self._flush(download, fd, batch, hasher)
 
+    def _admit(self, download: Download, announced: int | None) -> None:
+        """Check the upstream's answer (its length, if any) against the download's bound and,
+        on the first answer, the free space; then tell the subscribers it answered.
+
+        Raises before a byte is written, so a refused blob leaves nothing behind.  A declared
+        size stands in for a missing length: the body is then held to it byte by byte.
+        """
+        if announced is not None:
+            refusal = download.bound.refusal(announced)
+            if refusal is not None:
+                raise refusal
+        if download._answered.is_set():  # a resumption
+            if download.size is None:
+                if announced is not None:
+                    download._set_size(announced)
+            elif announced is not None and announced != download.size:
+                raise upstream_unavailable("blob", "size changed between attempts")
+            return
+        size = announced if announced is not None else download.bound.declared
+        if size is None:
+            download._answered.set()
+            return
+        if size == 0 and hashlib.new(download.digest.algorithm).hexdigest() != download.digest.hex:
+            # An empty body has no last byte to hold back until it is verified, so it would
+            # be complete before its check: only the empty blob's own digest may be empty.
+            raise _size_invalid("the upstream announces 0 bytes for a blob that is not empty")
+        self._check_room(download, size)
+        download._set_size(size)
+
+    def _check_room(self, download: Download, size: int) -> None:
+        """Refuse a blob the cache's disk cannot hold: what it still needs, plus what the
+        other downloads here still need, plus a margin, must be free now.
+
+        A check, not a reservation of blocks: another program (or another worker process)
+        may still fill the disk, and then the write fails with ENOSPC (see ``_produce``).
+        """
+        others = sum(
+            d.size - d.available
+            for d in self._downloads.values()
+            if d is not download and not d.followed and d.size is not None
+        )
+        free = self._disk_free()
+        if free < size - download.available + others + FREE_SPACE_MARGIN:
+            raise _no_room(
+                f"the blob has {size} bytes, {free} bytes are free "
+                f"and downloads in flight still need {others}"
+            )
+
     async def _flush(
         self, download: Download, fd: int, batch: bytearray, hasher: hashlib._Hash
     ) -> None:
@@ -946,6 +1293,24 @@ class DownloadRegistry:
         download.available += len(data)
         self._stats(download).upstream_bytes += len(data)
         download._wake_all()
+
+
+def _no_room(why: str) -> RegistryError:
+    """No room in the cache.  503 UNAVAILABLE with Retry-After: the distribution spec has no
+    code for it, 507 is WebDAV's and clients treat it as final, while a 503 is what registry
+    clients retry (and eviction or downloads finishing may make room by then)."""
+    return _Refused(
+        503,
+        "UNAVAILABLE",
+        f"not enough room in the cache: {why}",
+        headers={"Retry-After": _NO_ROOM_RETRY_AFTER},
+    )
+
+
+def _disk_free(root: Path) -> int:
+    """Bytes an unprivileged writer may still put on the file system holding ``root``."""
+    stat = os.statvfs(root)
+    return stat.f_bavail * stat.f_frsize
 
 
 def _publish_size(lease: Owned, digest: Digest, size: int) -> None:

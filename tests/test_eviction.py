@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import trio
 
 from streamsync_trio import parse_config
 from streamsync_trio._cli import main
-from streamsync_trio._eviction import RESYNC_INTERVAL, CacheKeeper, plan_eviction
+from streamsync_trio._eviction import RESYNC_INTERVAL, CacheKeeper, enforce_cap, plan_eviction
 from streamsync_trio._reference import Digest, parse_digest
 from streamsync_trio._store import Store
 
@@ -170,3 +171,64 @@ async def test_the_cap_holds_for_blobs_other_worker_processes_added(
         assert on_disk <= 2 * MiB
         assert mine.usage().bytes == on_disk
         nursery.cancel_scope.cancel()
+
+
+def store_with_blobs(root: Path, sizes: list[int], mtime_ns: int) -> Store:
+    """A store holding blobs of ``sizes``, all last used at the same instant (a clock tick)."""
+    store = Store(root)
+    for n, size in enumerate(sizes):
+        partial = store.new_partial(d(n))
+        partial.write_bytes(b"x" * size)
+        store.commit_blob(partial, d(n))
+        os.utime(store.blob_path(d(n)), ns=(mtime_ns, mtime_ns))
+    return store
+
+
+async def test_blobs_tied_in_time_and_size_are_listed_and_evicted(tmp_path: Path) -> None:
+    # File times are coarse: blobs committed in one tick, of one size, tie on both.
+    store = store_with_blobs(tmp_path / "cache", [100] * 6, 1_700_000_000_000_000_000)
+    listing = store.blobs_by_age()
+    assert len(listing) == 6
+    assert [digest for _, _, digest in listing] == sorted((d(n) for n in range(6)), key=str)
+    evicted = await enforce_cap(store, 300, lambda _: False)
+    assert evicted.removed == 4  # 600 bytes down to the low-water mark, 270
+    assert store.usage().bytes == 200
+    assert len(store.blobs_by_age()) == 2
+
+
+async def test_a_blob_that_cannot_be_removed_does_not_stop_the_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = store_with_blobs(tmp_path / "cache", [100] * 6, 1_700_000_000_000_000_000)
+    first = store.blobs_by_age()[0][2]
+    remove_blob = Store.remove_blob
+
+    def failing_remove(self: Store, digest: Digest) -> int:
+        if digest == first:
+            raise PermissionError(13, "Permission denied", str(self.blob_path(digest)))
+        return remove_blob(self, digest)
+
+    monkeypatch.setattr(Store, "remove_blob", failing_remove)
+    evicted = await enforce_cap(store, 300, lambda _: False)
+    assert evicted.removed == 3  # the plan's other blobs still went
+    assert store.blob_size(first) == 100
+
+
+def test_a_blob_removed_while_the_cache_is_listed_is_left_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another worker (or ``cache gc``) evicts between reading the directory and the stat.
+    store = store_with_blobs(tmp_path / "cache", [100] * 3, 1_700_000_000_000_000_000)
+    gone = store.blob_path(d(1))
+    scandir = os.scandir
+
+    def racing_scandir(path: Path) -> Iterator[os.DirEntry[str]]:
+        if Path(path) != gone.parent:
+            return scandir(path)
+        entries = list(scandir(path))
+        gone.unlink(missing_ok=True)
+        return iter(entries)
+
+    monkeypatch.setattr(os, "scandir", racing_scandir)
+    assert [digest for _, _, digest in store.blobs_by_age()] == [d(0), d(2)]
+    assert store.scan().bytes == 200

@@ -363,6 +363,19 @@ async def test_cache_entries_expire(autojump_clock: trio.testing.MockClock) -> N
     assert (len(cache), cache.bytes) == (0, 0)
 
 
+async def test_expired_entries_leave_memory_without_another_request(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Issue 14: memory held by listings stayed after their TTL until the next request."""
+    cache: ListingCache[str, int] = ListingCache(ttl=10, max_bytes=100)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cache.expire_periodically)
+        cache.put("a", 1, 50)
+        await trio.sleep(21)
+        assert (len(cache), cache.bytes) == (0, 0)  # nobody called get or put
+        nursery.cancel_scope.cancel()
+
+
 async def test_cache_stays_within_its_bytes(autojump_clock: trio.testing.MockClock) -> None:
     cache: ListingCache[int, str] = ListingCache(ttl=10, max_bytes=100)
     for key in range(150):  # the issue's 150 distinct keys

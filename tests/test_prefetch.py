@@ -22,7 +22,8 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
 def image(fake: FakeRegistry, repo: str, tag: str, layers: int = 2) -> list[str]:
     """An image in the fake upstream; returns its config and layer digests."""
-    config = fake.add_blob(json.dumps({"os": "linux", "layers": layers, "tag": tag}).encode())
+    config_bytes = json.dumps({"os": "linux", "layers": layers, "tag": tag}).encode()
+    config = fake.add_blob(config_bytes)
     digests = [fake.add_blob(os.urandom(100_000 + i)) for i in range(layers)]
     manifest = {
         "schemaVersion": 2,
@@ -30,13 +31,13 @@ def image(fake: FakeRegistry, repo: str, tag: str, layers: int = 2) -> list[str]
         "config": {
             "mediaType": "application/vnd.oci.image.config.v1+json",
             "digest": config,
-            "size": 40,
+            "size": len(config_bytes),
         },
         "layers": [
             {
                 "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
                 "digest": d,
-                "size": 100_000,
+                "size": len(fake.blobs[d]),
             }
             for d in digests
         ],

@@ -6,6 +6,7 @@ takes 0.64 virtual seconds, and joins, stalls and drops happen at exact virtual 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from pathlib import Path
@@ -296,8 +297,21 @@ async def test_range_of_an_in_flight_blob_is_served_as_bytes_arrive(
         assert (await drain(first)).data == data
 
 
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        # A full disk is "come back later" (eviction may make room), like a 503 upstream.
+        (errno.ENOSPC, 503),
+        (errno.EIO, 500),
+    ],
+    ids=["ENOSPC", "EIO"],
+)
 async def test_disk_error_fails_the_download_cleanly(
-    tmp_path: Path, autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    autojump_clock: trio.abc.Clock,
+    monkeypatch: pytest.MonkeyPatch,
+    error: int,
+    status: int,
 ) -> None:
     data = blob(1 * MiB)
     calls = 0
@@ -307,7 +321,7 @@ async def test_disk_error_fails_the_download_cleanly(
         nonlocal calls
         calls += 1
         if calls == 2:
-            raise OSError(28, "No space left on device")
+            raise OSError(error, os.strerror(error))
         return real_pwrite(fd, buffer, offset)
 
     async with open_lab(tmp_path) as lab:
@@ -315,7 +329,7 @@ async def test_disk_error_fails_the_download_cleanly(
         monkeypatch.setattr(os, "pwrite", failing_pwrite)
         outcome = await drain(lab.subscribe(digest))
         monkeypatch.undo()
-        assert outcome.error is not None and outcome.error.status == 500
+        assert outcome.error is not None and outcome.error.status == status
         await trio.testing.wait_all_tasks_blocked()
         assert_clean(lab)
         assert (await drain(lab.subscribe(digest))).data == data
