@@ -39,9 +39,17 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _open_store(config: Config) -> Store:
+    """The cache, in today's format: the proxy migrates an older one at start, and so does
+    every cache command (``cache verify`` would otherwise flag every old manifest)."""
+    store = Store(config.storage_root)
+    store.migrate_manifests()
+    return store
+
+
 def _cache_stats(args: argparse.Namespace) -> int:
     config = _load()
-    store = Store(config.storage_root)
+    store = _open_store(config)
     usage = store.scan()
     cap = "none" if config.max_size is None else _human(config.max_size)
     print(f"cache      {store.root}")
@@ -60,7 +68,7 @@ def _cache_gc(args: argparse.Namespace) -> int:
         except ConfigError as exc:
             print(f"streamsync-trio: {exc}", file=sys.stderr)
             return 2
-    store = Store(config.storage_root)
+    store = _open_store(config)
     result = collect_garbage(store, max_size, config.manifest_max_age_days, dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     print(f"{verb} {result['blobs_removed']} blob(s), {_human(result['bytes_freed'])}")
@@ -78,7 +86,7 @@ def _cache_gc(args: argparse.Namespace) -> int:
 def _cache_verify(args: argparse.Namespace) -> int:
     """Exit 1 when anything was damaged (and quarantined), 0 when all is intact."""
     config = _load()
-    store = Store(config.storage_root)
+    store = _open_store(config)
     listing = content_listing(store)
     total = sum(size for _, _, size in listing)
 

@@ -206,6 +206,7 @@ def create_app(config: Config, *, transport: httpx.AsyncBaseTransport | None = N
         removed = await trio.to_thread.run_sync(store.remove_leftover_partials)
         if removed:
             log.warning("removed %d partial download(s) left by a previous run", removed)
+        await trio.to_thread.run_sync(store.migrate_manifests)  # once; it logs what it did
         usage = await trio.to_thread.run_sync(store.scan)
         tasks = BackgroundTasks(app.nursery)
         app.extensions["streamsync.tasks"] = tasks

@@ -1,7 +1,9 @@
 """Checking stored content against its name: ``cache verify``, and link pruning for ``cache gc``.
 
 Every file under ``blobs/`` and ``manifests/`` is named by the digest of what it must hold,
-so the cache checks itself: hash the file, compare with the name.  Nothing in the proxy
+so the cache checks itself: hash the file, compare with the name.  A manifest is checked
+exactly like a blob, and so is the ``.type`` file beside it, the one thing no digest covers:
+it must name a manifest media type.  Nothing in the proxy
 writes such a file in place (content arrives by an atomic rename after its digest was
 checked), so a mismatch means the disk, the file system or a person changed it, and the
 only cure is to move it out of the way and fetch it afresh from the upstream.
@@ -30,14 +32,11 @@ from pathlib import Path
 
 from ._descriptors import declared_sizes
 from ._errors import RegistryError
+from ._negotiation import MANIFEST_MEDIA_TYPES
 from ._reference import Digest, parse_digest
-from ._store import Store, manifest_record_ok, split_manifest_record
+from ._store import MAX_MANIFEST_FILE, Store
 
 READ_SIZE = 4 * 1024 * 1024
-
-# A stored manifest is at most 4 MiB (``_manifests``); a file far larger under manifests/ is
-# not one, and is not read whole to find that out.
-_MAX_MANIFEST_FILE = 64 * 1024 * 1024
 
 # ``cache gc`` leaves a link younger than this alone even when its content is gone: a
 # download links its repository while it is still in flight, and a listing of the partials
@@ -161,34 +160,36 @@ def _check(
         if digest is None:
             return _quarantine(store, kind, path, identity, "not named by a digest")
         try:
-            good = _content_ok(fd, kind, digest, stat.st_size, on_bytes)
+            problem = _content_problem(store, fd, kind, digest, on_bytes)
         except OSError as exc:  # EIO: the disk cannot give the bytes back
             return _quarantine(store, kind, path, identity, f"unreadable: {exc.strerror}")
     finally:
         os.close(fd)
     report.checked += 1
     report.bytes += stat.st_size
-    if good:
+    if problem is None:
         return None
-    finding = _quarantine(store, kind, path, identity, "content does not match its digest")
+    finding = _quarantine(store, kind, path, identity, problem)
     if finding is None:
         report.changed += 1  # what was checked is gone; what is there now came verified
     return finding
 
 
-def _content_ok(
-    fd: int, kind: str, digest: Digest, size: int, on_bytes: Callable[[int], None] | None
-) -> bool:
-    if kind == "blobs":
-        hex_digest, _ = hash_file(fd, digest.algorithm, on_bytes)
-        return hex_digest == digest.hex
-    if size > _MAX_MANIFEST_FILE:
-        return False
-    raw = os.pread(fd, size + 1, 0)
-    if on_bytes is not None:
-        on_bytes(len(raw))
-    body, media_type = split_manifest_record(raw)
-    return manifest_record_ok(digest, body, media_type)
+def _content_problem(
+    store: Store, fd: int, kind: str, digest: Digest, on_bytes: Callable[[int], None] | None
+) -> str | None:
+    """What is wrong with the stored content (None: nothing)."""
+    hex_digest, _ = hash_file(fd, digest.algorithm, on_bytes)
+    if hex_digest != digest.hex:
+        return "content does not match its digest"
+    if kind == "manifests":
+        # Read after the body, as the proxy reads them: a type is written before its body.
+        media_type = store.read_manifest_type(digest)
+        if media_type is None:
+            return "no media type file beside it"
+        if media_type not in MANIFEST_MEDIA_TYPES:
+            return f"its media type file holds {media_type[:60]!r}, not a manifest media type"
+    return None
 
 
 def _quarantine(
@@ -260,11 +261,10 @@ def _named_by_manifests(store: Store, linked: list[Digest]) -> set[Digest]:
         # would keep it from ever expiring.  Bounded: only a manifest is read whole.
         path = store.manifest_path(digest)
         try:
-            if path.stat().st_size > _MAX_MANIFEST_FILE:
+            if path.stat().st_size > MAX_MANIFEST_FILE:
                 continue
-            raw = path.read_bytes()
+            body = path.read_bytes()
         except (FileNotFoundError, NotADirectoryError):
             continue
-        body, _ = split_manifest_record(raw)
         named.update(declared_sizes(body))
     return named

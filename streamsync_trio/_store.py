@@ -3,7 +3,8 @@
 Layout under the root::
 
     blobs/<alg>/<hex>                 verified blob bytes, immutable
-    manifests/<alg>/<hex>             "<media type>\\n" + the exact manifest bytes
+    manifests/<alg>/<hex>             the exact manifest bytes (they hash to the name)
+    manifests/<alg>/<hex>.type        its media type, one line (no digest covers it)
     tags/<upstream>/<repo>/_tags/<tag> JSON tag record (digest, media type, fetched at)
     tags/<upstream>/<repo>/_links/<alg>-<hex>  "this repository contains this digest"
     partial/<alg>-<hex>.<nonce>       in-flight downloads; never served as complete
@@ -13,8 +14,13 @@ Layout under the root::
 
 Everything visible under ``blobs/`` and ``manifests/`` got there by an atomic rename after the
 content was verified, so a crash at any moment leaves either the old state or the new, never a
-torn file under a content address.  Partials nobody owns (a crashed process left them) are
-unverifiable leftovers and are removed at start; those of other live workers are kept.
+torn file under a content address.  Every file named by a digest holds exactly the bytes of
+that digest, so ``sha256sum`` (or ``cache verify``) checks the cache with nothing to strip; a
+manifest's media type, which the client needs and no digest covers, lives in the ``.type``
+file beside it (older versions wrote it as a first line of the manifest file;
+:meth:`Store.migrate_manifests` rewrites such a cache once, at start).  Partials nobody owns
+(a crashed process left them) are unverifiable leftovers and are removed at start; those of
+other live workers are kept.
 
 This is one of the two seams design.md §8 asks to keep clean (put partial, commit, open): the
 methods are synchronous and do no networking, and no hashing beyond the small manifests they
@@ -28,17 +34,26 @@ import hashlib
 import json
 import logging
 import os
-import re
 import secrets
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ._errors import RegistryError
 from ._lease import remove_abandoned
-from ._reference import Digest
+from ._negotiation import MANIFEST_MEDIA_TYPES
+from ._reference import Digest, parse_digest
 
 log = logging.getLogger("streamsync_trio.store")
+
+# The media type of ``manifests/<alg>/<hex>`` is in ``<hex>`` + this: a name that is not a
+# digest, so nothing that walks content addresses mistakes it for content.
+TYPE_SUFFIX = ".type"
+
+# A stored manifest is at most 4 MiB (``_upstream.MAX_MANIFEST_BYTES``); a file far larger
+# under manifests/ is not one, and is not read whole to find that out.
+MAX_MANIFEST_FILE = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,11 +224,28 @@ class Store:
         return size
 
     def expire_manifests_and_tags(self, older_than: float) -> tuple[int, int]:
-        """Remove manifests and tag records not used since ``older_than`` (wall clock)."""
+        """Remove manifests and tag records not used since ``older_than`` (wall clock).
+
+        A manifest and its ``.type`` file are one entry, judged by the manifest's time (its
+        reads touch it): the body goes first, then the type, so no moment shows a body
+        without its type that was not already a miss.  A type file without a body (a write
+        that crashed between the two renames) and stale temporary files go by their own age."""
         manifests = tags = 0
-        for path in self._manifests.rglob("*"):
-            if path.is_file() and path.stat().st_mtime < older_than:
+        for directory in self._manifest_dirs():
+            for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+                path = Path(entry.path)
+                try:
+                    if path.stat().st_mtime >= older_than:
+                        continue
+                except FileNotFoundError:
+                    continue  # removed with its body earlier in this loop
+                if entry.name.startswith(".") or entry.name.endswith(TYPE_SUFFIX):
+                    body = path.with_name(entry.name.removesuffix(TYPE_SUFFIX))
+                    if entry.name.startswith(".") or not body.exists():
+                        path.unlink(missing_ok=True)  # goes with its body, when it has one
+                    continue
                 path.unlink(missing_ok=True)
+                _type_path(path).unlink(missing_ok=True)
                 manifests += 1
         for path in self._tags.rglob("_tags/*"):
             if path.is_file() and path.stat().st_mtime < older_than:
@@ -224,10 +256,15 @@ class Store:
     def counts(self) -> dict[str, int]:
         """What the cache holds, by kind (for ``streamsync-trio cache stats``)."""
         return {
-            "manifests": sum(1 for p in self._manifests.rglob("*") if p.is_file()),
+            "manifests": sum(1 for kind, _ in self.content_files() if kind == "manifests"),
             "tags": sum(1 for p in self._tags.rglob("_tags/*") if p.is_file()),
             "partials": sum(1 for p in self.partial_dir.iterdir() if not p.name.startswith(".")),
-            "quarantined": sum(1 for p in self.quarantine_dir.rglob("*") if p.is_file()),
+            # Entries: a quarantined manifest's type file went with it and is not one more.
+            "quarantined": sum(
+                1
+                for p in self.quarantine_dir.rglob("*")
+                if p.is_file() and not p.name.endswith(TYPE_SUFFIX)
+            ),
         }
 
     def new_partial(self, digest: Digest) -> Path:
@@ -264,13 +301,20 @@ class Store:
     def manifest_path(self, digest: Digest) -> Path:
         return self._manifest_path(digest)
 
+    def manifest_type_path(self, digest: Digest) -> Path:
+        return _type_path(self._manifest_path(digest))
+
     def read_manifest(self, digest: Digest) -> tuple[bytes, str] | None:
         """The stored body and media type, or None: not stored, or stored damaged.
 
         The body is hashed on every read: a manifest is a few KiB read whole (hashing one
         costs microseconds), and a flipped bit on disk must become a cache miss, fetched
         afresh, not a manifest whose content no longer matches the digest it is served as.
-        The damaged file is quarantined, so the next read does not meet it again."""
+        The damaged file is quarantined, so the next read does not meet it again.
+
+        Body first, then type: the type is written first, so a body that is there has its
+        type.  A body without one (removed by hand, or half of an interrupted ``cache gc``) is
+        a miss: a guessed type could make a client parse an index as an image."""
         path = self._manifest_path(digest)
         try:
             with open(path, "rb") as file:
@@ -279,30 +323,106 @@ class Store:
             os.utime(path)  # last use, for `cache gc`
         except FileNotFoundError:
             return None
-        body, media_type = split_manifest_record(raw)
-        if not manifest_record_ok(digest, body, media_type):
+        media_type = self.read_manifest_type(digest)
+        if media_type is None:
+            log.warning("stored manifest %s has no media type beside it; fetching it again", path)
+            return None
+        if not manifest_record_ok(digest, raw, media_type):
             log.error("stored manifest %s does not match its digest; quarantined", path)
             self.quarantine("manifests", path, (stat.st_dev, stat.st_ino))
             return None
-        return body, media_type
+        return raw, media_type
+
+    def read_manifest_type(self, digest: Digest) -> str | None:
+        """What the ``.type`` file beside the manifest says (not checked), or None."""
+        try:
+            with open(self.manifest_type_path(digest), "rb") as file:
+                raw = file.read(256)  # the longest manifest media type has 54 characters
+        except FileNotFoundError:
+            return None
+        return raw.decode("utf-8", "replace").removesuffix("\n")
 
     def write_manifest(self, digest: Digest, body: bytes, media_type: str) -> None:
-        _atomic_write(self._manifest_path(digest), media_type.encode() + b"\n" + body)
+        """Store a verified manifest: its type first, then the body by an atomic rename."""
+        path = self._manifest_path(digest)
+        _atomic_write(_type_path(path), media_type.encode() + b"\n")
+        _atomic_write(path, body)
+
+    def migrate_manifests(self) -> int:
+        """Rewrite manifests stored in the old single-file format; returns how many.
+
+        Older versions wrote ``<media type>\\n<body>`` under the digest.  Only files without a
+        ``.type`` beside them are read (so a migrated cache costs one listing per start), and
+        each is either rewritten as body + type (its last-use time kept, for ``cache gc``),
+        quarantined when it is neither format intact, or left alone when it already is a bare
+        body (a miss until fetched again) or is not named by a digest (``cache verify``'s
+        business).  Safe beside other workers doing the same: every write is a rename of the
+        same content, and a quarantine moves only the very file that was read."""
+        migrated = 0
+        for directory in self._manifest_dirs():
+            names = set(os.listdir(directory))
+            for name in sorted(names):
+                if (
+                    name.startswith(".")
+                    or name.endswith(TYPE_SUFFIX)
+                    or name + TYPE_SUFFIX in names
+                ):
+                    continue
+                migrated += self._migrate_manifest(directory / name)
+        if migrated:
+            log.warning("rewrote %d manifest(s) stored in the old format: body + .type", migrated)
+        return migrated
+
+    def _migrate_manifest(self, path: Path) -> bool:
+        try:
+            digest = parse_digest(f"{path.parent.name}:{path.name}")
+        except RegistryError:
+            return False
+        try:
+            with open(path, "rb") as file:
+                stat = os.fstat(file.fileno())
+                if not (0 < stat.st_size <= MAX_MANIFEST_FILE):
+                    return False
+                raw = file.read()
+        except FileNotFoundError:
+            return False  # expired, or migrated by another worker, meanwhile
+        if hashlib.new(digest.algorithm, raw).hexdigest() == digest.hex:
+            return False  # already a bare body
+        body, media_type = split_manifest_record(raw)
+        if not manifest_record_ok(digest, body, media_type):
+            log.error("stored manifest %s is damaged (old format); quarantined", path)
+            self.quarantine("manifests", path, (stat.st_dev, stat.st_ino))
+            return False
+        _atomic_write(_type_path(path), media_type.encode() + b"\n")
+        _atomic_write(path, body, times_ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        return True
+
+    def _manifest_dirs(self) -> list[Path]:
+        """``manifests/<alg>`` directories (temporary files start with a dot)."""
+        return [
+            d
+            for d in sorted(self._manifests.iterdir())
+            if d.is_dir() and not d.name.startswith(".")
+        ]
 
     # -- integrity (``_scrub``) --------------------------------------------------------------
 
     def content_files(self) -> Iterator[tuple[str, Path]]:
         """``("blobs" | "manifests", path)`` of every file stored under a content address.
 
-        Only those: partials (never complete), leases and the temporary files of atomic
-        writes (their names start with a dot) are not content yet and are not listed."""
+        A manifest's ``.type`` file is not listed: it belongs to the manifest beside it.  Nor
+        is anything else that is not content yet: partials (never complete), leases and the
+        temporary files of atomic writes (their names start with a dot)."""
         for kind, top in (("blobs", self._blobs), ("manifests", self._manifests)):
             for algorithm in sorted(top.iterdir()):
                 if not algorithm.is_dir() or algorithm.name.startswith("."):
                     continue
                 for entry in sorted(os.scandir(algorithm), key=lambda e: e.name):
-                    if not entry.name.startswith(".") and entry.is_file(follow_symlinks=False):
-                        yield kind, Path(entry.path)
+                    if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False):
+                        continue
+                    if kind == "manifests" and entry.name.endswith(TYPE_SUFFIX):
+                        continue  # part of its manifest's entry, checked with it
+                    yield kind, Path(entry.path)
 
     def quarantine(self, kind: str, path: Path, identity: tuple[int, int]) -> Path | None:
         """Move the file at ``path`` (a ``kind`` of :meth:`content_files`) found damaged to
@@ -331,6 +451,14 @@ class Store:
         if kind == "blobs":
             self._blob_count -= 1
             self._blob_bytes -= moved.st_size
+        elif kind == "manifests":
+            # The type goes with its manifest: one entry, and the operator sees both.  (A
+            # fetch in another process that wrote a fresh type this very moment loses it,
+            # and its body is then a miss once: fetched again, not served wrong.)
+            try:
+                os.rename(_type_path(path), _type_path(target))
+            except FileNotFoundError:
+                pass
         return target
 
     def links(self) -> Iterator[tuple[str, str, Digest, Path]]:
@@ -439,24 +567,25 @@ class Store:
 
 
 def split_manifest_record(raw: bytes) -> tuple[bytes, str]:
-    """(body, media type) of a stored manifest file: a media-type line, then the body."""
+    """(body, media type) of a manifest file in the old format: a media-type line, then the
+    body (:meth:`Store.migrate_manifests`)."""
     media_type, _, body = raw.partition(b"\n")
     return body, media_type.decode("utf-8", "replace")
 
 
-# type "/" subtype, RFC 6838 characters: what every manifest media type looks like.
-_MEDIA_TYPE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*")
-
-
 def manifest_record_ok(digest: Digest, body: bytes, media_type: str) -> bool:
-    """Whether a stored manifest is intact: the body hashes to its digest, and the media-type
-    line (which no digest covers) still reads as a media type."""
-    if _MEDIA_TYPE_RE.fullmatch(media_type) is None:
+    """Whether a stored manifest is intact: the body hashes to its digest, and the media type
+    (which no digest covers) is one of the manifest types the proxy stores."""
+    if media_type not in MANIFEST_MEDIA_TYPES:
         return False
     return hashlib.new(digest.algorithm, body).hexdigest() == digest.hex
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _type_path(manifest: Path) -> Path:
+    return manifest.with_name(manifest.name + TYPE_SUFFIX)
+
+
+def _atomic_write(path: Path, data: bytes, times_ns: tuple[int, int] | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
@@ -464,6 +593,8 @@ def _atomic_write(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if times_ns is not None:
+            os.utime(tmp, ns=times_ns)
         os.rename(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -63,12 +63,15 @@ def flip_bit(path: Path, offset: int) -> None:
 
 
 def quarantined(store: Store) -> list[str]:
-    """``kind/alg/hex`` of every quarantined file (without the nonce)."""
-    return sorted(
-        str(p.relative_to(store.quarantine_dir)).rpartition(".")[0]
-        for p in store.quarantine_dir.rglob("*")
-        if p.is_file()
-    )
+    """``kind/alg/hex`` of every quarantined file, without the nonce (a manifest's type file:
+    ``kind/alg/hex.type``)."""
+    found = []
+    for path in store.quarantine_dir.rglob("*"):
+        if path.is_file():
+            name, _, rest = path.name.partition(".")
+            suffix = ".type" if rest.endswith(".type") else ""
+            found.append(f"{path.parent.relative_to(store.quarantine_dir)}/{name}{suffix}")
+    return sorted(found)
 
 
 @pytest.fixture
@@ -93,7 +96,7 @@ def test_verify_quarantines_exactly_the_damaged_blob_and_manifest(
     blobs = [put_blob(cache, os.urandom(n)) for n in (5 * MiB + 7, 100, 1)]
     manifests = [put_manifest(cache, {b: 1})[0] for b in blobs[:2]]
     flip_bit(cache.blob_path(blobs[0]), 5 * MiB)  # in the second 4 MiB read
-    flip_bit(cache.manifest_path(manifests[1]), 40)  # in the body, past the media-type line
+    flip_bit(cache.manifest_path(manifests[1]), 40)
     # Not content: a partial (never complete) and an atomic write's temporary file.
     partial = cache.new_partial(blobs[1])
     partial.write_bytes(b"half a blob")
@@ -108,6 +111,7 @@ def test_verify_quarantines_exactly_the_damaged_blob_and_manifest(
     assert quarantined(cache) == [
         f"blobs/sha256/{blobs[0].hex}",
         f"manifests/sha256/{manifests[1].hex}",
+        f"manifests/sha256/{manifests[1].hex}.type",  # one entry: the type went with it
     ]
     # The store no longer finds them; everything else is where it was.
     assert cache.blob_size(blobs[0]) is None and cache.read_manifest(manifests[1]) is None
@@ -131,18 +135,34 @@ def test_verify_a_clean_cache_exits_0_and_reports_throughput(
     assert not cache.quarantine_dir.exists()
 
 
-def test_verify_finds_a_damaged_media_type_line_and_junk_names(
+def test_verify_finds_a_damaged_or_missing_media_type_file_and_junk_names(
     cache: Store, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    digest, _ = put_manifest(cache, {})
-    flip_bit(cache.manifest_path(digest), len("application"))  # "/" -> "?"; no digest covers it
+    digest, body = put_manifest(cache, {})
+    flip_bit(cache.manifest_type_path(digest), len("application"))  # "/" -> "?"
+    typeless, _ = put_manifest(cache, {digest: len(body)})
+    cache.manifest_type_path(typeless).unlink()
+    intact, _ = put_manifest(cache, {typeless: 1})
     junk = cache.blob_path(Digest("sha256", "not-a-digest"))
     junk.parent.mkdir(parents=True, exist_ok=True)
     junk.write_bytes(b"x")
     assert main(["cache", "verify", "--quiet"]) == 1
     out = capsys.readouterr().out
-    assert "not named by a digest" in out and "does not match its digest" in out
-    assert quarantined(cache) == ["blobs/sha256/not-a-digest", f"manifests/sha256/{digest.hex}"]
+    assert f"DAMAGED {junk}: not named by a digest" in out
+    assert f"DAMAGED {cache.manifest_path(digest)}: its media type file holds" in out
+    assert "not a manifest media type" in out
+    assert f"DAMAGED {cache.manifest_path(typeless)}: no media type file beside it" in out
+    assert out.count("DAMAGED") == 3  # the .type files are not entries of their own
+    assert quarantined(cache) == sorted(
+        [
+            "blobs/sha256/not-a-digest",
+            f"manifests/sha256/{digest.hex}",
+            f"manifests/sha256/{digest.hex}.type",
+            f"manifests/sha256/{typeless.hex}",
+        ]
+    )
+    assert cache.read_manifest(intact) is not None
+    assert main(["cache", "verify", "--quiet"]) == 0
 
 
 def test_verify_leaves_a_blob_replaced_while_it_was_hashed(cache: Store) -> None:
@@ -170,9 +190,12 @@ def test_verify_leaves_a_blob_replaced_while_it_was_hashed(cache: Store) -> None
 def test_a_damaged_stored_manifest_is_a_cache_miss(cache: Store) -> None:
     digest, body = put_manifest(cache, {})
     assert cache.read_manifest(digest) == (body, MANIFEST_TYPE)
-    flip_bit(cache.manifest_path(digest), len(MANIFEST_TYPE) + 5)
+    flip_bit(cache.manifest_path(digest), 5)
     assert cache.read_manifest(digest) is None
-    assert quarantined(cache) == [f"manifests/sha256/{digest.hex}"]
+    assert quarantined(cache) == [
+        f"manifests/sha256/{digest.hex}",
+        f"manifests/sha256/{digest.hex}.type",
+    ]
     cache.write_manifest(digest, body, MANIFEST_TYPE)  # fetched afresh
     assert cache.read_manifest(digest) == (body, MANIFEST_TYPE)
 
