@@ -78,7 +78,14 @@ class Accept:
             return cls(None, DEFAULT_ACCEPT)
         while len(", ".join(items)) > _MAX_ACCEPT_HEADER:
             items.pop()
-        return cls(None if anything else frozenset(types), ", ".join(items))
+        if anything:
+            # A wildcard admits every type, but registries do not all read it so
+            # (Distribution ignores it and answers 404 to "*/*" alone for an index), and
+            # what comes back is cached as the tag's answer for every client: so every type
+            # is named explicitly, and the answer is the tag's own document.
+            named = [t for t in MANIFEST_MEDIA_TYPES if t not in types]
+            return cls(None, ", ".join([*named, *items]))
+        return cls(frozenset(types), ", ".join(items))
 
     def admits(self, media_type: str) -> bool:
         return self.types is None or media_type in self.types

@@ -237,6 +237,29 @@ def test_the_forwarded_header_keeps_every_value_and_is_bounded() -> None:
     assert huge.types is not None and len(huge.types) <= 64
 
 
+def test_a_wildcard_names_every_type_upstream() -> None:
+    for lines in (["*/*"], ["application/*"], [f"{DOCKER_V2}, */*;q=0.1"]):
+        accept = Accept.parse(lines)
+        assert accept.types is None
+        for media_type in (OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_V2):
+            assert media_type in accept.header
+        assert lines[0].split(",")[0] in accept.header  # the client's own values stay
+
+
+async def test_a_wildcard_client_first_does_not_change_what_others_get(tmp_path: Path) -> None:
+    """curl sends "Accept: */*".  Asked alone, Distribution answers that 404 for an index (and
+    Docker Hub may substitute a child); cached as the tag's answer, it would be served to
+    every client.  The proxy names every type upstream, so the answer is the index."""
+    async with open_lab(tmp_path) as lab:
+        stock(lab.upstream_fake, "oci-index")
+        assert (await lab.ask("1", ["*/*"])).body == OCI_IDX
+        for lines in CLIENTS.values():
+            direct = await lab.direct("1", lines)
+            if direct.status_code == 200:
+                assert (await lab.ask("1", lines)).body == direct.content
+        assert len(lab.upstream_fake.gets()) <= 3  # the index once; narrow clients their own
+
+
 def test_clients_sending_one_set_in_any_order_share_a_record() -> None:
     shuffled = DOCKER_LINES[:]
     random.Random(7).shuffle(shuffled)
