@@ -5,10 +5,11 @@ Nothing here decides policy.  Each handler parses the request (``_reference``, `
 or the :class:`RegistryError` into a response.  Two HTTP facts shape the blob handler:
 
 * Status and headers leave before the first body byte, so the handler waits until the
-  upstream's headers are in (``Subscriber.wait_size``) before returning: an upstream 404 or 401
-  still reaches the client as a real 404 or 401.
+  upstream's headers are in (``Subscriber.wait_answer``) before returning: an upstream 404 or
+  401 still reaches the client as a real 404 or 401.
 * Once headers are out, the only honest way to report a failure is to stop short of
-  ``Content-Length``: the body iterator raises, and hypercorn closes the connection.
+  ``Content-Length`` (or, for a blob of unknown length sent chunked, without the last chunk):
+  the body iterator raises, and hypercorn closes the connection.
 """
 
 from __future__ import annotations
