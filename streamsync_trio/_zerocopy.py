@@ -261,7 +261,11 @@ class _TCPServer(TCPServer):
                     await _send_file_range(self.stream, data)
                 else:
                     await self.stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
+            # Busy: the client hung up mid-body, and ``_read_data`` is closing the stream
+            # (``send_eof``, which takes trio's send guard but not our send lock) while this
+            # send ran.  The only other sender is that closer, so it means "closed" too; a
+            # 60-minute soak logged it 19 times as "Error in ASGI Framework".
             await self.protocol.handle(Closed())
         except trio.Cancelled:
             await trio.aclose_forcefully(self.stream)
