@@ -181,13 +181,13 @@ class ManifestService:
             assert stored.body is not None
             await self._link(upstream, repo, digest, stored.body)
             return stored
-        self.upstream_fetches += 1
-        manifest = await upstream.get_manifest(repo, str(digest), accept.widened())
-        media_type = manifest_media_type(manifest.body, manifest.media_type, upstream.name)
-        _check_digest(manifest.body, digest)
-        await trio.to_thread.run_sync(self._store.write_manifest, digest, manifest.body, media_type)
+        manifest = await self._get_by_digest(upstream, repo, digest, accept.widened())
+        assert manifest.body is not None
+        await trio.to_thread.run_sync(
+            self._store.write_manifest, digest, manifest.body, manifest.media_type
+        )
         await self._link(upstream, repo, digest, manifest.body)
-        return CachedManifest.of(manifest.body, media_type, str(digest))
+        return manifest
 
     async def _as_upstream_answers(
         self, upstream: Upstream, repo: str, digest: Digest, accept: Accept, head: bool
@@ -198,8 +198,14 @@ class ManifestService:
             if answer.digest not in (None, str(digest)) or answer.size is None:
                 raise _bad_upstream(upstream, "its HEAD answer names another digest")
             return CachedManifest(None, answer.media_type, str(digest), answer.size)
+        return await self._get_by_digest(upstream, repo, digest, accept.header)
+
+    async def _get_by_digest(
+        self, upstream: Upstream, repo: str, digest: Digest, accept_header: str
+    ) -> CachedManifest:
+        """GET a manifest by digest: a manifest, and the very bytes the digest names."""
         self.upstream_fetches += 1
-        manifest = await upstream.get_manifest(repo, str(digest), accept.header)
+        manifest = await upstream.get_manifest(repo, str(digest), accept_header)
         media_type = manifest_media_type(manifest.body, manifest.media_type, upstream.name)
         _check_digest(manifest.body, digest)
         return CachedManifest.of(manifest.body, media_type, str(digest))

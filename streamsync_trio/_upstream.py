@@ -107,6 +107,9 @@ class UpstreamStats:
     def count(self, outcome: str) -> None:
         self.requests[outcome] = self.requests.get(outcome, 0) + 1
 
+    def count_token(self, outcome: str) -> None:
+        self.token_requests[outcome] = self.token_requests.get(outcome, 0) + 1
+
     def observe(self, seconds: float) -> None:
         self.latency_count += 1
         self.latency_sum += seconds
@@ -577,7 +580,7 @@ class Upstream:
         with self._deadline("token request"):
             status, body, response = await self._token_exchange(realm, params, headers)
         host = httpx.URL(realm).host
-        self.stats.token_requests[str(status)] = self.stats.token_requests.get(str(status), 0) + 1
+        self.stats.count_token(str(status))
         if status != 200:
             raise self._token_failure(status, response, host, failure_key)
         try:
@@ -615,9 +618,7 @@ class Upstream:
             finally:
                 await response.aclose()
         except httpx.HTTPError as exc:
-            self.stats.token_requests["transport_error"] = (
-                self.stats.token_requests.get("transport_error", 0) + 1
-            )
+            self.stats.count_token("transport_error")
             raise self._transport_error(exc) from exc
         return response.status_code, bytes(body), response
 
