@@ -27,6 +27,9 @@ log = logging.getLogger("streamsync_trio.eviction")
 LOW_WATER = 0.9  # evict down to 90 % of the cap
 # How often the running totals are corrected from a listing of the blobs.
 RESYNC_INTERVAL = 60.0
+# After a pass that left the cache over the cap (every candidate was in use), the next one
+# comes this soon: a listing every 2 s at most, and only while over the cap.
+BUSY_RETRY_INTERVAL = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,14 +125,21 @@ class CacheKeeper:
             self._pending.set()
 
     async def run(self) -> None:
+        wait = RESYNC_INTERVAL
         while True:
             # Woken by a commit in this process, or by the clock: other worker processes
             # (and ``cache gc``) change the cache behind this process's running totals.
-            with trio.move_on_after(RESYNC_INTERVAL):
+            with trio.move_on_after(wait):
                 await self._pending.wait()
             self._pending = trio.Event()
+            wait = RESYNC_INTERVAL
             try:
                 await enforce_cap(self._store, self._max_bytes, self._is_busy)
+                if self._store.usage().bytes + self._in_flight() > self._max_bytes:
+                    # Still over: blobs in use were passed by.  Their readers' release
+                    # wakes us, but a blob can stop being busy in other ways (its download
+                    # leaves the registry after the commit), so look again soon.
+                    wait = BUSY_RETRY_INTERVAL
             except Exception:
                 # One failed pass must not end eviction (the cap would stop holding for
                 # good) nor this task's nursery (and every download in it): log it, and
