@@ -147,7 +147,11 @@ http {{
 
 def push_blob(registry_url: str, repo: str, size: int) -> str:
     """Upload a random blob of ``size`` bytes (monolithic upload) and return its digest."""
-    data = os.urandom(size)
+    return push_bytes(registry_url, repo, os.urandom(size))
+
+
+def push_bytes(registry_url: str, repo: str, data: bytes) -> str:
+    """Upload ``data`` as a blob (monolithic upload) and return its digest."""
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     with httpx.Client(base_url=registry_url, timeout=120) as client:
         start = client.post(f"/v2/{repo}/blobs/uploads/")

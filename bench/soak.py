@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import random
@@ -150,17 +149,6 @@ def put_manifest(
     response.raise_for_status()
 
 
-def push_bytes(registry_url: str, repo: str, data: bytes) -> tuple[str, int]:
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    with httpx.Client(base_url=registry_url, timeout=120) as client:
-        start = client.post(f"/v2/{repo}/blobs/uploads/")
-        start.raise_for_status()
-        location = start.headers["Location"]
-        separator = "&" if "?" in location else "?"
-        client.put(f"{location}{separator}digest={digest}", content=data).raise_for_status()
-    return digest, len(data)
-
-
 def push_images(registry_url: str, count: int, big_layers: int, rng: random.Random) -> list[Image]:
     """``count`` images of 2-4 small layers (16-512 KiB); every fourth also has a big layer.
 
@@ -175,8 +163,10 @@ def push_images(registry_url: str, count: int, big_layers: int, rng: random.Rand
         layers = [os.urandom(rng.randint(16, 512) * 1024) for _ in range(rng.randint(2, 4))]
         if big_layers and index % 4 == 0:
             layers.append(bigs[(index // 4) % big_layers])
-        pushed_config = push_bytes(registry_url, repo, config)
-        pushed_layers = [push_bytes(registry_url, repo, layer) for layer in layers]
+        pushed_config = (_lab.push_bytes(registry_url, repo, config), len(config))
+        pushed_layers = [
+            (_lab.push_bytes(registry_url, repo, layer), len(layer)) for layer in layers
+        ]
         put_manifest(registry_url, repo, pushed_config, pushed_layers)
         images.append(Image(repo, [pushed_config[0]] + [d for d, _ in pushed_layers]))
     return images
