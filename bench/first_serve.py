@@ -28,7 +28,7 @@ import _lab
 import trio
 
 from streamsync_trio._reference import Digest
-from streamsync_trio._store import Store
+from streamsync_trio.core._store import Store
 
 REPO = "bench/blob"
 

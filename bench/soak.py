@@ -77,9 +77,9 @@ def trim(signum, frame):
 signal.signal(signal.SIGUSR2, probe)
 signal.signal(signal.SIGUSR1, trim)
 if os.environ.get("SOAK_GLIBC_DEFAULTS"):
-    import streamsync_trio._process
-    streamsync_trio._process.tune_malloc = lambda arenas=2: None
-from streamsync_trio._cli import main
+    import streamsync_trio.ops._process
+    streamsync_trio.ops._process.tune_malloc = lambda arenas=2: None
+from streamsync_trio.ops._cli import main
 sys.argv[0] = "streamsync-trio"
 sys.exit(main())
 """

@@ -17,7 +17,7 @@ modules with a leading underscore are the implementation:
 
 from ._config import Config, ConfigError, UpstreamConfig, load_config, parse_config
 from ._errors import RegistryError
-from ._http import create_app
+from .edge import create_app
 
 __all__ = [
     "Config",

@@ -9,9 +9,9 @@ from __future__ import annotations
 import sys
 
 from ._config import ConfigError, load_config
-from ._http import create_app
 from ._logging import configure
-from ._process import tune_malloc
+from .edge import create_app
+from .ops import tune_malloc
 
 try:
     config = load_config()

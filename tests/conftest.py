@@ -5,11 +5,9 @@ from pathlib import Path
 import pytest
 import trio.testing
 
-from streamsync_trio import Config, UpstreamConfig
+from streamsync_trio.core._store import Store
 
-from .fakes import FakeRegistry
-
-UPSTREAM = "registry.fake.test"
+from .labs.fakes import UPSTREAM, FakeRegistry
 
 
 @pytest.fixture
@@ -29,17 +27,14 @@ def fake() -> FakeRegistry:
     return FakeRegistry()
 
 
-def make_config(root: Path, **upstream: object) -> Config:
-    """A config with one default upstream at the fake registry."""
-    settings: dict[str, object] = {
-        "name": UPSTREAM,
-        "url": f"https://{UPSTREAM}",
-        "default": True,
-        "read_timeout": 5.0,
-    }
-    settings.update(upstream)
-    return Config(
-        storage_root=root,
-        chunk_size=256 * 1024,
-        upstreams=(UpstreamConfig(**settings),),  # type: ignore[arg-type]
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
+    """A store at the root of the configuration the CLI loads."""
+    root = tmp_path / "cache"
+    config = tmp_path / "streamsync.toml"
+    config.write_text(
+        f'[storage]\nroot = "{root}"\n\n[[upstream]]\nname = "{UPSTREAM}"\n'
+        f'url = "https://{UPSTREAM}"\ndefault = true\n'
     )
+    monkeypatch.setenv("STREAMSYNC_CONFIG", str(config))
+    return Store(root)

@@ -14,7 +14,6 @@ import pytest
 
 from streamsync_trio import Config, ConfigError, RegistryError, UpstreamConfig, load_config
 from streamsync_trio._config import CONFIG_ENV, parse_config
-from streamsync_trio._ranges import parse_range
 from streamsync_trio._reference import (
     Digest,
     Endpoint,
@@ -25,7 +24,8 @@ from streamsync_trio._reference import (
     validate_name,
     validate_tag,
 )
-from streamsync_trio._routing import route
+from streamsync_trio.edge._ranges import parse_range
+from streamsync_trio.upstream._routing import route
 
 SHA256_HEX = "0123456789abcdef" * 4
 SHA512_HEX = "0123456789abcdef" * 8

@@ -1,0 +1,232 @@
+"""Prometheus metrics, read at scrape time from the plain counters the other modules keep.
+
+The core, the upstream client and the manifest cache count in ordinary dataclasses and know
+nothing of Prometheus; this collector turns their numbers into metric families when scraped.
+So a scrape costs nothing on the hot path, and every metric is consistent with the state the
+status page shows.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+
+from ..upstream import LATENCY_BUCKETS
+
+if TYPE_CHECKING:
+    from ._app import ProxyState
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@dataclass
+class Traffic:
+    """What clients asked of the proxy and got (counted by the HTTP layer)."""
+
+    served_bytes: dict[str, int] = field(default_factory=lambda: {"cache": 0, "stream": 0})
+    # blob GETs: "hit" (stored), "join" (joined a download in flight), "miss" (started one)
+    blob_requests: dict[str, int] = field(default_factory=lambda: {"hit": 0, "join": 0, "miss": 0})
+    manifest_requests: int = 0
+
+    def served(self, source: str, count: int) -> None:
+        self.served_bytes[source] += count
+
+
+class ProxyCollector(Collector):
+    def __init__(self, state: ProxyState) -> None:
+        self._state = state
+
+    def collect(self) -> Iterator[Metric]:
+        state = self._state
+        traffic = state.traffic
+
+        served = CounterMetricFamily(
+            "streamsync_served_bytes",
+            "Blob bytes sent to clients, by source (cache: stored blob; stream: in flight)",
+            labels=["source"],
+        )
+        for source, count in traffic.served_bytes.items():
+            served.add_metric([source], count)
+        yield served
+
+        blobs = CounterMetricFamily(
+            "streamsync_blob_requests",
+            "Blob GETs: hit (from the cache), join (joined a download), miss (started one)",
+            labels=["result"],
+        )
+        for result, count in traffic.blob_requests.items():
+            blobs.add_metric([result], count)
+        yield blobs
+
+        yield CounterMetricFamily(
+            "streamsync_manifest_requests", "Manifest requests", value=traffic.manifest_requests
+        )
+        yield CounterMetricFamily(
+            "streamsync_manifest_upstream_fetches",
+            "Manifests fetched from an upstream (the rest were cache hits)",
+            value=state.manifests.upstream_fetches,
+        )
+
+        fetched = CounterMetricFamily(
+            "streamsync_upstream_bytes",
+            "Blob bytes fetched from each upstream",
+            labels=["upstream"],
+        )
+        resumes = CounterMetricFamily(
+            "streamsync_download_resumes",
+            "Blob downloads resumed after a drop or stall",
+            labels=["upstream"],
+        )
+        downloads = CounterMetricFamily(
+            "streamsync_downloads", "Blob downloads by outcome", labels=["upstream", "outcome"]
+        )
+        failures = CounterMetricFamily(
+            "streamsync_download_failures",
+            "Failed blob downloads by reason",
+            labels=["upstream", "reason"],
+        )
+        upstream_bytes_total = 0
+        for group, stats in state.downloads.stats.items():
+            fetched.add_metric([group], stats.upstream_bytes)
+            upstream_bytes_total += stats.upstream_bytes
+            resumes.add_metric([group], stats.resumes)
+            downloads.add_metric([group, "started"], stats.started)
+            downloads.add_metric([group, "committed"], stats.committed)
+            for reason, count in stats.failures.items():
+                failures.add_metric([group, reason], count)
+        yield from (fetched, resumes, downloads, failures)
+
+        negative = CounterMetricFamily(
+            "streamsync_negative_cache_hits",
+            "Requests answered 404 from the brief memory of an upstream 404 (see _negative)",
+            labels=["kind"],
+        )
+        negative.add_metric(["blob"], state.downloads.not_found.hits)
+        negative.add_metric(["manifest"], state.manifests.not_found.hits)
+        yield negative
+        checks = CounterMetricFamily(
+            "streamsync_stored_blob_checks",
+            "Stored blobs hashed on this process's first serve of them, by result",
+            labels=["result"],
+        )
+        for result, count in state.downloads.stored_checks.items():
+            checks.add_metric([result], count)
+        yield checks
+
+        in_flight = state.downloads.in_flight()
+        yield GaugeMetricFamily(
+            "streamsync_downloads_in_flight", "Blob downloads in flight", value=len(in_flight)
+        )
+        subscribers = GaugeMetricFamily(
+            "streamsync_download_subscribers",
+            "Clients following each in-flight download",
+            labels=["digest"],
+        )
+        for download in in_flight:
+            subscribers.add_metric([str(download.digest)], download.subscriber_count)
+        yield subscribers
+
+        client_bytes = sum(traffic.served_bytes.values())
+        yield GaugeMetricFamily(
+            "streamsync_dedupe_ratio",
+            "Blob bytes served to clients per blob byte fetched from upstreams",
+            value=client_bytes / upstream_bytes_total if upstream_bytes_total else 0.0,
+        )
+
+        requests = CounterMetricFamily(
+            "streamsync_upstream_requests",
+            "Requests to each upstream by outcome (HTTP status, or the failure before one)",
+            labels=["upstream", "outcome"],
+        )
+        latency = HistogramMetricFamily(
+            "streamsync_upstream_latency_seconds",
+            "Time from sending a request to an upstream to having its response headers",
+            labels=["upstream"],
+        )
+        tokens = CounterMetricFamily(
+            "streamsync_upstream_token_requests",
+            "Requests to each upstream's token server by outcome (HTTP status or failure)",
+            labels=["upstream", "outcome"],
+        )
+        redirects = CounterMetricFamily(
+            "streamsync_upstream_redirects",
+            "Redirect hops followed from each upstream (to its CDN or object storage)",
+            labels=["upstream"],
+        )
+        for name, upstream in state.upstreams.items():
+            calls = upstream.stats
+            for outcome, count in calls.requests.items():
+                requests.add_metric([name, outcome], count)
+            for outcome, count in calls.token_requests.items():
+                tokens.add_metric([name, outcome], count)
+            redirects.add_metric([name], calls.redirects)
+            buckets = [
+                (str(bound), float(count))
+                for bound, count in zip(LATENCY_BUCKETS, calls.latency_buckets, strict=True)
+            ]
+            buckets.append(("+Inf", float(calls.latency_count)))
+            latency.add_metric([name], buckets, calls.latency_sum)
+        yield requests
+        yield tokens
+        yield redirects
+        yield latency
+
+        usage = state.store.usage()
+        yield GaugeMetricFamily("streamsync_cache_blobs", "Blobs in the cache", value=usage.blobs)
+        yield GaugeMetricFamily(
+            "streamsync_cache_bytes", "Bytes of blobs in the cache", value=usage.bytes
+        )
+
+
+def render(state: ProxyState, others: list[tuple[int, str]] | None = None) -> bytes:
+    """This worker's metrics, plus those ``others`` published (pid, exposition text).
+
+    With one worker process the output is exactly its own metrics.  With several, a scrape
+    reaches whichever worker accepts it, so that worker answers for all of them: every
+    sample gets a ``worker`` label (its pid), and ``sum without (worker)`` gives the totals.
+    Another worker's numbers are at most ``PUBLISH_INTERVAL`` seconds old.
+    """
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ProxyCollector(state))
+    if not others:
+        return generate_latest(registry)
+    merged: dict[str, Metric] = {}
+    sources: list[tuple[int, Iterable[Metric]]] = [(os.getpid(), registry.collect())]
+    sources += [(pid, text_string_to_metric_families(text)) for pid, text in others]
+    for pid, families in sources:
+        for family in families:
+            into = merged.get(family.name)
+            if into is None:
+                into = merged[family.name] = Metric(family.name, family.documentation, family.type)
+            into.samples += [
+                sample._replace(labels={**sample.labels, "worker": str(pid)})
+                for sample in family.samples
+            ]
+    combined = CollectorRegistry(auto_describe=False)
+    combined.register(_Fixed(list(merged.values())))
+    return generate_latest(combined)
+
+
+def render_own(state: ProxyState) -> str:
+    """This worker's metrics alone, as published for the other workers to merge."""
+    return render(state).decode()
+
+
+class _Fixed(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families)
