@@ -1,6 +1,6 @@
 """What checking a stored blob on its first serve costs: 8 clients x one 256 MiB cached blob.
 
-The proxy hashes a stored blob the first time a process serves it (``_streaming``,
+The proxy hashes a stored blob the first time a process serves it (``core._trusted``,
 ``open_stored``); its clients get every byte but the last at once, and the last when the
 digest matched.  This measures the rounds after a restart: the first (checked while served)
 against the later ones (trusted, the plain sendfile path), in wall time, throughput and the

@@ -1,18 +1,16 @@
 """streamsync-trio: a pull-through caching proxy for OCI registries with streaming sync.
 
 The public surface is small on purpose: :func:`create_app` and the configuration types.  The
-modules with a leading underscore are the implementation:
+folders are the layers, each importing only those listed before it (``tests/test_layout.py``
+holds them to it):
 
-* ``_streaming``  single-flight downloads and their subscribers (the core, no HTTP)
-* ``_store``      the content-addressed cache on disk
-* ``_manifests``  manifest and tag caching
-* ``_upstream``   the upstream registry client (auth, timeouts, error mapping)
-* ``_reference``, ``_routing``, ``_ranges``  pure parsing of what clients ask
-* ``_eviction``   keeping the cache under its size cap (LRU)
-* ``_http``       the Quart layer that translates HTTP to the above
-* ``_auth``, ``_metrics``, ``_status``, ``_logging``  client auth, Prometheus metrics, the
-  status page, structured logs: read-only views of the state above
-* ``_cli``, ``_serve``, ``_prefetch``  the ``streamsync-trio`` command
+* top level   ``_config``, ``_errors``, ``_reference``, ``_logging``: the config contract, the
+  one error type, OCI name/digest parsing, log formatting
+* ``upstream/`` the registry client (auth, timeouts, error mapping) and routing
+* ``core/``     the decisions, with no HTTP: single-flight downloads and their subscribers, who
+  owns an in-flight digest, the store, eviction, manifests, listings, the blob service
+* ``edge/``     the Quart/ASGI layer that translates HTTP to the core and back
+* ``ops/``      the ``streamsync-trio`` command, ``serve --workers``, ``prefetch``
 """
 
 from ._config import Config, ConfigError, UpstreamConfig, load_config, parse_config

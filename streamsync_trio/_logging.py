@@ -1,10 +1,9 @@
 """Structured logs: one line per request and per download, as text or JSON.
 
 Events carry their fields in ``extra={"event": ..., ...}``; the formatters render them as
-``key=value`` pairs or as one JSON object a line.  The access line is written by a small ASGI
-wrapper around the app, because only at the wire can one see the status and byte count a
-streamed body really ended with (an aborted blob is logged with the bytes actually sent).
-No formatter ever reads request headers, so credentials cannot reach a log line.
+``key=value`` pairs or as one JSON object a line.  The access line itself is written by the
+HTTP edge (``edge/_access_log``).  No formatter ever reads request headers, so credentials
+cannot reach a log line.
 """
 
 from __future__ import annotations
@@ -13,8 +12,6 @@ import json
 import logging
 import re
 import sys
-import time
-from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 # Fields of our events, in the order text lines show them.
@@ -36,22 +33,6 @@ EVENT_FIELDS = (
     "reason",
     "offset",
 )
-
-access_log = logging.getLogger("streamsync_trio.access")
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-# The wrapped app's own signature is Quart's TypedDict-based one; this wrapper only needs
-# "an ASGI callable", so it accepts any.
-ASGIApp = Callable[..., Awaitable[None]]
-SOURCE_KEY = "streamsync.source"  # set in the ASGI scope by handlers: cache, stream, upstream
-
-
-def mark_source(scope: Any, source: str) -> None:
-    """Record in the ASGI scope where a response's bytes came from, for its access line."""
-    scope[SOURCE_KEY] = source
 
 
 class TextFormatter(logging.Formatter):
@@ -108,48 +89,3 @@ def configure(format: str, level: str) -> None:
     root.setLevel(level.upper())
     # httpx logs every upstream request at INFO; ours says the same with more context.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, root.level))
-
-
-def with_access_log(app: ASGIApp) -> ASGIApp:
-    """Wrap an ASGI app so every HTTP request ends in one access-log line."""
-
-    async def logged(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await app(scope, receive, send)
-            return
-        started = time.monotonic()
-        status = 0
-        sent = 0
-
-        async def counting_send(message: Message) -> None:
-            nonlocal status, sent
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            elif message["type"] == "http.response.body":
-                sent += len(message.get("body", b""))
-            await send(message)
-
-        outcome = "complete"
-        try:
-            await app(scope, receive, counting_send)
-        except BaseException:
-            outcome = "aborted"
-            raise
-        finally:
-            access_log.info(
-                "%s %s %s",
-                scope["method"],
-                scope["path"],
-                status,
-                extra={
-                    "event": "request" if outcome == "complete" else "request_aborted",
-                    "method": scope["method"],
-                    "path": scope["path"],
-                    "status": status,
-                    "bytes": sent,
-                    "duration_ms": round((time.monotonic() - started) * 1000, 1),
-                    "source": scope.get(SOURCE_KEY, "-"),
-                },
-            )
-
-    return logged

@@ -4,7 +4,7 @@ Every descriptor in an image manifest or index carries the ``size`` of the conte
 at, and the digest of a manifest we stored was verified, so its sizes are what the image's
 author published.  The blob download uses them as its bound: an upstream that announces (or
 sends) another length for a layer is wrong, and a blob of unannounced length may be no longer
-than its manifest says (see ``_streaming.SizeBound``).
+than its manifest says (see ``_limits.SizeBound``).
 """
 
 from __future__ import annotations

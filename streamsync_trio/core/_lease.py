@@ -1,8 +1,9 @@
 """Who downloads a digest when several processes share one cache: a lease per digest.
 
-Inside one process the :class:`~streamsync_trio._streaming.DownloadRegistry` dict answers
-"is this digest in flight, and how do I join it".  Several hypercorn workers on one machine
-share the cache directory but not that dict, so the question goes to the file system
+This is the :class:`~._owners.Owners` implementation for one machine (:class:`LeaseFiles`,
+the registry's default).  Inside one process the :class:`~._registry.DownloadRegistry` dict
+answers "is this digest in flight, and how do I join it".  Several hypercorn workers on one
+machine share the cache directory but not that dict, so the question goes to the file system
 (design.md §8: the in-flight registry seam):
 
 * ``leases/<alg>-<hex>`` is the lease.  Its owner holds an exclusive ``flock`` on it for as
@@ -13,10 +14,10 @@ share the cache directory but not that dict, so the question goes to the file sy
 * ``leases/<alg>-<hex>.<nonce>.size`` holds the blob's size once the upstream announced it
   (written by rename, so it is read whole or not at all): followers need it for their
   ``Content-Length`` before the bytes are there.
-* A follower keeps the lease open and tails the partial.  The kernel drops the owner's lock
-  when the owner lets go, normally or by dying (even ``kill -9``), so "can I lock it now" is an
-  exact "has the owner ended" test.  The owner ended well only if the blob is in the store as
-  the very inode the follower was reading.
+* A follower (:class:`LeaseFollower`) keeps the lease open and tails the partial.  The kernel
+  drops the owner's lock when the owner lets go, normally or by dying (even ``kill -9``), so
+  "can I lock it now" is an exact "has the owner ended" test.  The owner ended well only if
+  the blob is in the store as the very inode the follower was reading.
 
 ``flock`` locks belong to open file descriptions, so two opens in one process conflict just
 like two processes do: the tests exercise this with two registries in one process.
@@ -29,12 +30,36 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
+import trio
+
+from .._errors import RegistryError
 from .._reference import Digest
+
+if TYPE_CHECKING:
+    from ._downloads import Download
+
+
+class CacheDirs(Protocol):
+    """Where a cache keeps leases, partials and blobs (a :class:`~._store.Store` is one).  A
+    protocol rather than the store itself: the store imports this module (to remove
+    abandoned partials at start), and an import must go one way."""
+
+    @property
+    def lease_dir(self) -> Path: ...
+
+    @property
+    def partial_dir(self) -> Path: ...
+
+    def blob_path(self, digest: Digest) -> Path: ...
 
 # A stale lease (its owner died) is taken over; should an unlucky sequence of owners keep
 # finishing exactly between our steps, we give up rather than spin.
 _CLAIM_ATTEMPTS = 20
+
+# How often a follower looks at another process's download (lock, size, bytes written).
+FOLLOW_INTERVAL = 0.02
 
 
 @dataclass
@@ -133,6 +158,95 @@ def claim(leases: Path, partials: Path, digest: Digest) -> Owned | Followed:
         finally:
             os.close(fd)
     raise RuntimeError(f"could not claim {name}: ownership kept changing")
+
+
+class LeaseFiles:
+    """The :class:`~._owners.Owners` of one machine: the lease files in ``store``'s cache
+    directory, shared by every process that uses it."""
+
+    def __init__(self, store: CacheDirs) -> None:
+        self._store = store
+
+    def claim(self, digest: Digest) -> Owned | LeaseFollower | None:
+        """Own the download (an :class:`Owned`), or follow the process that owns it; None
+        when that owner ended between the two steps (it committed, or failed)."""
+        store = self._store
+        try:
+            lease = claim(store.lease_dir, store.partial_dir, digest)
+        except RuntimeError as exc:
+            raise RegistryError(
+                503, "UNAVAILABLE", str(exc), headers={"Retry-After": "1"}
+            ) from None
+        if isinstance(lease, Owned):
+            return lease
+        try:
+            hold = os.open(lease.partial, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            lease.close()
+            return None
+        except BaseException:
+            lease.close()
+            raise
+        return LeaseFollower(lease, hold, store.blob_path(digest))
+
+
+class LeaseFollower:
+    """Follows another process's download: holds its lease open and its partial at ``hold``
+    (the :class:`~._owners.Elsewhere` of one machine)."""
+
+    def __init__(self, lease: Followed, hold: int, stored: Path) -> None:
+        self._lease = lease
+        self._hold = hold
+        self._stored = stored  # where the blob is once committed
+
+    @property
+    def path(self) -> Path:
+        return self._lease.partial
+
+    def open_reader(self) -> int:
+        return os.dup(self._hold)
+
+    async def follow(self, download: Download) -> None:
+        """Tail the owner's partial until the owner lets go.
+
+        Polling, because neither a lock release nor a file growing in another process can be
+        awaited in trio; every ``FOLLOW_INTERVAL`` costs three system calls.  The owner ended
+        well only if the stored blob is the very file we have been reading: then every byte
+        we served was verified by the owner, and the held-back last bytes may go.
+        """
+        lease, hold = self._lease, self._hold
+        while True:
+            ended = lease.owner_ended()  # first: whatever it wrote before is seen below
+            if download.size is None:
+                size = lease.size()
+                if size is not None:
+                    download.set_size(size)
+            written = os.fstat(hold).st_size
+            if written > download.available:
+                # Bytes in the partial: the owner's upstream answered, even if with no
+                # length (then the size comes only at the end).
+                download.mark_answered()
+                download.advance(written)
+            if ended:
+                break
+            await trio.sleep(FOLLOW_INTERVAL)
+        if not is_same_file(hold, self._stored):
+            raise RegistryError(
+                502,
+                "UNAVAILABLE",
+                "the upstream download failed in another worker process; retry",
+            )
+        size = os.fstat(hold).st_size
+        if download.size is None:
+            download.set_size(size)
+        download.advance(size)
+        download.path = self._stored
+
+    def close(self) -> None:
+        try:
+            os.close(self._hold)
+        finally:
+            self._lease.close()
 
 
 def remove_abandoned(leases: Path, partials: Path) -> int:

@@ -384,7 +384,7 @@ class ManifestService:
         await trio.to_thread.run_sync(
             self._store.link, upstream.name, repo, [digest, *referenced_digests(body)]
         )
-        # What the manifest declares a blob's size to be bounds its download (_streaming).
+        # What the manifest declares of a blob's size bounds its download (``_limits.SizeBound``).
         await trio.to_thread.run_sync(
             self._store.note_declared_sizes, upstream.name, repo, declared_sizes(body)
         )

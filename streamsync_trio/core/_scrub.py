@@ -15,7 +15,7 @@ cache: partials are never listed, and a file that was replaced while it was bein
 fresh download renamed over it) is a new, verified file, which stays (see
 :meth:`Store.quarantine`).
 
-The running proxy hashes a stored blob itself the first time it serves it (``_streaming``);
+The running proxy hashes a stored blob itself the first time it serves it (``_trusted``);
 this command is the complete check, including blobs a long-running proxy already trusts.
 Hashing reads ``READ_SIZE`` bytes per call into one reused buffer: sha256 runs at about
 1.2 GB/s on one core here, and at 4 MiB per read the system calls cost under 1 % of that.

@@ -51,7 +51,7 @@ log = logging.getLogger("streamsync_trio.store")
 # digest, so nothing that walks content addresses mistakes it for content.
 TYPE_SUFFIX = ".type"
 
-# A stored manifest is at most 4 MiB (``_upstream.MAX_MANIFEST_BYTES``); a file far larger
+# A stored manifest is at most 4 MiB (``upstream.MAX_MANIFEST_BYTES``); a file far larger
 # under manifests/ is not one, and is not read whole to find that out.
 MAX_MANIFEST_FILE = 64 * 1024 * 1024
 

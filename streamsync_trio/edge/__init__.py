@@ -1,5 +1,5 @@
 """The HTTP edge: assembles the ASGI app and translates OCI distribution requests to the core
-and back (routes, zero-copy bodies, client auth, metrics rendering, the status page).
+and back (routes, zero-copy bodies, client auth, the access log, metrics, the status page).
 
 May import: the top-level modules, ``core`` and ``upstream``.  Never ``ops``.
 """

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 if TYPE_CHECKING:
-    from ._app import ProxyState
+    from ._state import ProxyState
 
 
 def status_snapshot(state: ProxyState) -> dict[str, Any]:
@@ -33,7 +33,7 @@ def status_snapshot(state: ProxyState) -> dict[str, Any]:
             }
         )
     traffic = state.traffic
-    requests = traffic.blob_requests
+    requests = state.blobs.requests
     total_requests = sum(requests.values())
     usage = state.store.usage()
     upstream_bytes = state.downloads.totals().upstream_bytes

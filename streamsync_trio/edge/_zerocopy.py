@@ -46,8 +46,8 @@ from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.typing import ASGISendEvent
 from hypercorn.utils import suppress_body
 
-from .._logging import ASGIApp, Message, Receive, Scope, Send
 from ..core import FileRange, cache_read_failed
+from ._access_log import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("streamsync_trio.http")
 

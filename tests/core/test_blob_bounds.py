@@ -24,15 +24,12 @@ from streamsync_trio import RegistryError
 from streamsync_trio._config import DEFAULT_MAX_BLOB_SIZE, ConfigError, parse_config
 from streamsync_trio._reference import parse_digest
 from streamsync_trio.core._descriptors import declared_sizes
+from streamsync_trio.core._downloads import Download, Subscriber
+from streamsync_trio.core._limits import FREE_SPACE_MARGIN, SizeBound
+from streamsync_trio.core._pagecache import FileRange
+from streamsync_trio.core._producer import admit
+from streamsync_trio.core._registry import DownloadRegistry
 from streamsync_trio.core._store import Store
-from streamsync_trio.core._streaming import (
-    FREE_SPACE_MARGIN,
-    Download,
-    DownloadRegistry,
-    FileRange,
-    SizeBound,
-    Subscriber,
-)
 
 from ..labs.corelab import (
     REPO,
@@ -290,9 +287,9 @@ async def test_an_empty_body_for_a_blob_that_is_not_empty_never_completes(
         # The rule itself, free of timing: whether a client would have seen the empty 200
         # depends on whether it looked before the check failed.
         with pytest.raises(RegistryError) as refused:
-            lab.registry._admit(Download(parse_digest(digest), tmp_path / "a"), 0)
+            admit(Download(parse_digest(digest), tmp_path / "a"), 0, lab.registry._check_room)
         assert refused.value.code == "SIZE_INVALID"
-        lab.registry._admit(Download(parse_digest(empty), tmp_path / "b"), 0)
+        admit(Download(parse_digest(empty), tmp_path / "b"), 0, lab.registry._check_room)
         assert_clean(lab)
 
 
@@ -609,9 +606,9 @@ async def test_a_corrupt_chunked_body_is_aborted_without_its_last_chunk(
 async def test_a_full_cache_disk_answers_503_and_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from streamsync_trio.core import _streaming
+    from streamsync_trio.core import _registry
 
-    monkeypatch.setattr(_streaming, "_disk_free", lambda root: FREE_SPACE_MARGIN + MiB)
+    monkeypatch.setattr(_registry, "_disk_free", lambda root: FREE_SPACE_MARGIN + MiB)
     fake = LyingRegistry(chunk_delay=0.002)
     digest = fake.add_blob(blob(2 * MiB))
     async with running_proxy(tmp_path, fake) as proxy, httpx.AsyncClient() as client:

@@ -21,7 +21,7 @@ import pytest
 import trio
 
 from streamsync_trio._reference import Digest, parse_digest
-from streamsync_trio.core import _streaming
+from streamsync_trio.core import _downloads
 from streamsync_trio.core._store import Store
 
 from ..labs.httplab import MiB, Running, fetch, real_time_fake, running_proxy
@@ -36,19 +36,19 @@ class InUseEvictions:
         self.open: Counter[Digest] = Counter()
         self.in_use_removed: list[Digest] = []
         self.removed: list[Digest] = []
-        subscriber_init = _streaming.Subscriber.__init__
-        subscriber_close = _streaming.Subscriber.close
+        subscriber_init = _downloads.Subscriber.__init__
+        subscriber_close = _downloads.Subscriber.close
         remove_blob = Store.remove_blob
         watcher = self
 
         def init(
-            self: _streaming.Subscriber, download: _streaming.Download, *args: object, **kw: object
+            self: _downloads.Subscriber, download: _downloads.Download, *args: object, **kw: object
         ) -> None:
             subscriber_init(self, download, *args, **kw)  # type: ignore[arg-type]
             watcher.open[download.digest] += 1
             self._watched = True  # type: ignore[attr-defined]
 
-        def close(self: _streaming.Subscriber) -> None:
+        def close(self: _downloads.Subscriber) -> None:
             if getattr(self, "_watched", False):
                 self._watched = False  # type: ignore[attr-defined]
                 watcher.open[self.download.digest] -= 1
@@ -60,8 +60,8 @@ class InUseEvictions:
                 watcher.in_use_removed.append(digest)
             return remove_blob(self, digest)
 
-        monkeypatch.setattr(_streaming.Subscriber, "__init__", init)
-        monkeypatch.setattr(_streaming.Subscriber, "close", close)
+        monkeypatch.setattr(_downloads.Subscriber, "__init__", init)
+        monkeypatch.setattr(_downloads.Subscriber, "close", close)
         monkeypatch.setattr(Store, "remove_blob", remove)
 
 

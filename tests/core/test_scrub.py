@@ -14,7 +14,7 @@ import trio
 from streamsync_trio._reference import Digest, parse_digest
 from streamsync_trio.core._scrub import content_listing, scrub
 from streamsync_trio.core._store import Store
-from streamsync_trio.core._streaming import TrustedBlobs
+from streamsync_trio.core._trusted import TrustedBlobs
 from streamsync_trio.ops._cli import main
 
 from ..labs.fakes import UPSTREAM

@@ -16,9 +16,9 @@ import pytest
 import trio
 
 from streamsync_trio._reference import parse_digest
+from streamsync_trio.core._downloads import Subscriber
 from streamsync_trio.core._lease import Followed, Owned, claim
 from streamsync_trio.core._store import Store
-from streamsync_trio.core._streaming import Subscriber
 
 from ..labs.corelab import Lab, MiB, Outcome, blob, drain, open_lab, second_worker
 from ..labs.fakes import FakeRegistry, Fault

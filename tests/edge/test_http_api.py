@@ -26,7 +26,7 @@ from werkzeug.datastructures import Headers
 
 from streamsync_trio import ConfigError, create_app, parse_config
 from streamsync_trio._reference import parse_digest
-from streamsync_trio.edge._app import ProxyState
+from streamsync_trio.edge._state import ProxyState
 
 from ..labs.fakes import UPSTREAM, FakeRegistry, Fault, digest_of, make_config
 

@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from streamsync_trio._reference import parse_digest
-from streamsync_trio.edge._app import ChunkBudget
+from streamsync_trio.edge._state import ChunkBudget
 
 from ..labs.fakes import FakeRegistry, Fault
 from ..labs.httplab import MiB, fetch, fetch_until_abort, real_time_fake, running_proxy

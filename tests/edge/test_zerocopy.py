@@ -12,8 +12,8 @@ import httpx
 import pytest
 import trio
 
-from streamsync_trio.core import _streaming
-from streamsync_trio.core._streaming import FileRange, _pages_cached
+from streamsync_trio.core import _downloads
+from streamsync_trio.core._pagecache import FileRange, pages_cached
 
 from ..labs.corelab import open_fds
 from ..labs.httplab import MiB, Running, SendfileMeter, fetch, real_time_fake, running_proxy
@@ -77,7 +77,7 @@ async def test_bytes_not_in_the_page_cache_are_read_not_sent_from_disk(
     (a worker thread), and the body is the same."""
     async with cached_blob(tmp_path, 5 * MiB) as (_, url, data), httpx.AsyncClient() as client:
         meter = SendfileMeter(monkeypatch)
-        monkeypatch.setattr(_streaming, "_pages_cached", lambda fd, offset, count: False)
+        monkeypatch.setattr(_downloads, "pages_cached", lambda fd, offset, count: False)
         _, body = await fetch(client, url)
         assert body == data
         assert meter.sent == 0
@@ -123,7 +123,7 @@ async def test_clients_leaving_mid_sendfile_leave_no_descriptor_behind(
 
 
 def test_page_cache_check_agrees_with_the_kernel(tmp_path: Path) -> None:
-    """_pages_cached (cachestat) on a file whose pages the kernel was told to drop and then
+    """pages_cached (cachestat) on a file whose pages the kernel was told to drop and then
     four of them read back, page by page against a witness: a read with RWF_NOWAIT, which the
     kernel refuses (EAGAIN) when it would have to wait for the disk.  The witness goes last,
     because a refused read still starts reading that page in, and it counts one way only: a
@@ -134,17 +134,17 @@ def test_page_cache_check_agrees_with_the_kernel(tmp_path: Path) -> None:
     path.write_bytes(os.urandom(64 * page))
     fd = os.open(path, os.O_RDONLY)
     try:
-        assert _pages_cached(fd, 0, 64 * page)  # just written: every page is in memory
-        assert _pages_cached(fd, 3, 5 * page)  # unaligned ranges count partial pages
+        assert pages_cached(fd, 0, 64 * page)  # just written: every page is in memory
+        assert pages_cached(fd, 3, 5 * page)  # unaligned ranges count partial pages
         os.fsync(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead: exactly these
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # drop the clean pages
         os.pread(fd, 4 * page, 8 * page)
-        seen = [_pages_cached(fd, index * page, page) for index in range(64)]
+        seen = [pages_cached(fd, index * page, page) for index in range(64)]
         shown = "".join("C" if cached else "." for cached in seen)
         assert seen[8:12] == [True] * 4, shown
-        assert _pages_cached(fd, 8 * page, 4 * page)
-        assert _pages_cached(fd, 7 * page, 2 * page) == seen[7]
+        assert pages_cached(fd, 8 * page, 4 * page)
+        assert pages_cached(fd, 7 * page, 2 * page) == seen[7]
         witness = []
         for index in range(64):
             try:

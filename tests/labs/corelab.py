@@ -18,8 +18,11 @@ import trio
 
 from streamsync_trio import RegistryError, UpstreamConfig
 from streamsync_trio._reference import parse_digest
+from streamsync_trio.core._downloads import Subscriber
+from streamsync_trio.core._pagecache import FileRange
+from streamsync_trio.core._registry import DownloadRegistry
+from streamsync_trio.core._retry import RetryPolicy
 from streamsync_trio.core._store import Store
-from streamsync_trio.core._streaming import DownloadRegistry, FileRange, RetryPolicy, Subscriber
 from streamsync_trio.upstream._client import Upstream
 
 from .fakes import FakeRegistry

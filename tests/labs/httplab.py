@@ -18,7 +18,7 @@ from hypercorn.trio import serve
 
 from streamsync_trio import create_app
 from streamsync_trio._reference import parse_digest
-from streamsync_trio.edge._app import ProxyState
+from streamsync_trio.edge._state import ProxyState
 
 from .fakes import FakeRegistry, make_config
 

@@ -1,0 +1,211 @@
+"""The producer: one upstream body into one partial file, resumed when it drops, verified.
+
+The producer appends upstream bytes to the partial in batches of at least ``chunk_size``
+(one worker thread hop per batch: write and hash together), advances ``available`` and wakes
+the subscribers (``_downloads``).  Before the first byte it checks the upstream's answer
+against the download's bound and the cache's free space (``_limits``); when the body drops or
+stalls it asks again from ``available`` (``_retry``), skipping what it has when the upstream
+ignores the Range.  At the end it checks length and digest: only then may the registry
+commit the blob and release the bytes every subscriber held back.
+
+It runs as a task of the app's nursery (see ``_registry``), which supervises it: what
+happens on failure or success to the registry entry, the lease and the files is decided
+there, not here.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from .._errors import RegistryError, upstream_timeout, upstream_unavailable
+from ._downloads import BlobSource, Download, DownloadStats, download_event, failure_reason
+from ._limits import no_room, size_invalid, too_large
+from ._retry import RetryPolicy, is_transient
+
+log = logging.getLogger("streamsync_trio.streaming")
+
+# A batch is flushed when it reaches chunk_size, or when its oldest byte has waited this long:
+# a slow upstream must not hold the first byte back for a whole chunk (time to first byte).
+FLUSH_INTERVAL = 0.05
+
+
+@dataclass
+class Fetch:
+    """Fetches ``download`` from ``source`` into the partial open at ``fd``.
+
+    ``check_room(download, size)`` raises when the cache cannot take a blob of ``size``
+    bytes (it knows the other downloads in flight); ``stats`` counts resumes and bytes.
+    """
+
+    download: Download
+    fd: int
+    source: BlobSource
+    stall_timeout: float
+    retry: RetryPolicy
+    chunk_size: int
+    stats: DownloadStats
+    check_room: Callable[[Download, int], None]
+
+    async def run(self) -> None:
+        """Every byte of the blob, verified; raises ``RegistryError`` (or ``OSError``)."""
+        download, retry = self.download, self.retry
+        hasher = hashlib.new(download.digest.algorithm)
+        attempt = 0
+        while True:
+            try:
+                await self._attempt(hasher)
+                break
+            except RegistryError as error:
+                if not is_transient(error) or attempt >= retry.budget(download.size, error):
+                    raise
+                delay = retry.delay(attempt, error)
+                attempt += 1
+                download.resumes += 1
+                self.stats.resumes += 1
+                log.info(
+                    "download %s: %s; resuming at byte %d in %.2fs (attempt %d/%d)",
+                    download.digest,
+                    error.message,
+                    download.available,
+                    delay,
+                    attempt,
+                    retry.max_retries,
+                    extra=download_event(
+                        "download_resume",
+                        download,
+                        reason=failure_reason(error),
+                        offset=download.available,
+                    ),
+                )
+                await trio.sleep(delay)
+
+        if download.size is None:
+            download.set_size(download.available)
+        if download.available != download.size:
+            raise size_invalid(f"got {download.available} of {download.size} bytes")
+        if hasher.hexdigest() != download.digest.hex:
+            raise RegistryError(
+                502,
+                "DIGEST_INVALID",
+                "upstream content does not match its digest",
+                detail={"digest": str(download.digest)},
+            )
+
+    async def _attempt(self, hasher: hashlib._Hash) -> None:
+        download = self.download
+        download.upstream_requests += 1
+        async with self.source(download.available) as body:
+            admit(download, body.total_size, self.check_room)
+            if body.offset > download.available:
+                raise upstream_unavailable("blob", "upstream resumed past the requested offset")
+            # An upstream that ignores Range starts again at 0: skip what we already have.
+            skip = download.available - body.offset
+            batch = bytearray()
+            batch_started = 0.0
+            chunks = aiter(body.chunks)
+            try:
+                while True:
+                    with trio.move_on_after(self.stall_timeout) as stall:
+                        chunk = await anext(chunks, None)
+                    if stall.cancelled_caught:
+                        raise upstream_timeout("blob", f"no data for {self.stall_timeout:g}s")
+                    if chunk is None:
+                        break
+                    if skip:
+                        dropped = min(skip, len(chunk))
+                        chunk = chunk[dropped:]
+                        skip -= dropped
+                        if not chunk:
+                            continue
+                    self._bound(len(batch) + len(chunk))
+                    if not batch:
+                        batch_started = trio.current_time()
+                    batch += chunk
+                    if (
+                        len(batch) >= self.chunk_size
+                        or trio.current_time() - batch_started >= FLUSH_INTERVAL
+                    ):
+                        await self._flush(batch, hasher)
+            except RegistryError as error:
+                # Keep what arrived intact: a resume continues from there.
+                if is_transient(error):
+                    await self._flush(batch, hasher)
+                raise
+            await self._flush(batch, hasher)
+
+    def _bound(self, pending: int) -> None:
+        """Refuse a body growing past its size, or past the maximum when it has none."""
+        download = self.download
+        size, maximum = download.size, download.bound.maximum
+        total = download.available + pending
+        if size is not None and total > size:
+            raise size_invalid(f"the upstream sent more than its {size} bytes")
+        if size is None and maximum is not None and total > maximum:
+            raise too_large("the upstream sent more without a length", maximum)
+
+    async def _flush(self, batch: bytearray, hasher: hashlib._Hash) -> None:
+        if not batch:
+            return
+        download = self.download
+        data = bytes(batch)
+        batch.clear()
+        await trio.to_thread.run_sync(write_and_hash, self.fd, download.available, data, hasher)
+        self.stats.upstream_bytes += len(data)
+        download.advance(download.available + len(data))
+
+
+def admit(
+    download: Download, announced: int | None, check_room: Callable[[Download, int], None]
+) -> None:
+    """Check the upstream's answer (its length, if any) against the download's bound and,
+    on the first answer, the free space; then tell the subscribers it answered.
+
+    Raises before a byte is written, so a refused blob leaves nothing behind.  A declared
+    size stands in for a missing length: the body is then held to it byte by byte.
+    """
+    if announced is not None:
+        refusal = download.bound.refusal(announced)
+        if refusal is not None:
+            raise refusal
+    if download.answered:  # a resumption
+        if download.size is None:
+            if announced is not None:
+                download.set_size(announced)
+        elif announced is not None and announced != download.size:
+            raise upstream_unavailable("blob", "size changed between attempts")
+        return
+    size = announced if announced is not None else download.bound.declared
+    if size is None:
+        download.mark_answered()
+        return
+    if size == 0 and hashlib.new(download.digest.algorithm).hexdigest() != download.digest.hex:
+        # An empty body has no last byte to hold back until it is verified, so it would
+        # be complete before its check: only the empty blob's own digest may be empty.
+        raise size_invalid("the upstream announces 0 bytes for a blob that is not empty")
+    check_room(download, size)
+    download.set_size(size)
+
+
+def write_failure(exc: OSError) -> tuple[str, RegistryError]:
+    """What a failed write of the partial means: the reason counted, and the clients' error
+    (a full disk is no room in the cache, which clients retry later)."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "no_space", no_room("the cache's disk is full")
+    return "disk", RegistryError(500, "UNKNOWN", "cache write failed")
+
+
+def write_and_hash(fd: int, offset: int, data: bytes, hasher: hashlib._Hash) -> None:
+    """One worker-thread hop per batch: hashlib and pwrite both release the GIL."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+    hasher.update(data)
