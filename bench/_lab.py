@@ -173,10 +173,18 @@ class Proxy:
 
 @contextlib.contextmanager
 def proxy(
-    workdir: Path, upstream_url: str, *, chunk_size: int = 1024 * 1024, workers: int = 1
+    workdir: Path,
+    upstream_url: str,
+    *,
+    chunk_size: int = 1024 * 1024,
+    workers: int = 1,
+    env: dict[str, str] | None = None,
 ) -> Iterator[Proxy]:
+    """streamsync-trio in front of ``upstream_url``; ``env`` adds to its environment (an
+    HTTPS upstream signed by a test CA is trusted through ``SSL_CERT_FILE``, as httpx and the
+    blob reader read it)."""
     port = free_port()
-    name = upstream_url.removeprefix("http://")
+    name = upstream_url.split("://", 1)[-1]
     cache = workdir / f"proxy-cache-{port}"
     config = workdir / f"streamsync-{port}.toml"
     config.write_text(
@@ -184,7 +192,7 @@ def proxy(
         f'[log]\nlevel = "warning"\n'
         f'[[upstream]]\nname = "{name}"\nurl = "{upstream_url}"\ndefault = true\n'
     )
-    env = {**os.environ, "STREAMSYNC_CONFIG": str(config)}
+    env = {**os.environ, **(env or {}), "STREAMSYNC_CONFIG": str(config)}
     # The README's way: one process, hypercorn's trio server, the repo's hypercorn.toml.
     args = [sys.executable, "-m", "streamsync_trio", "serve", "--bind", f"127.0.0.1:{port}"]
     args += ["--workers", str(workers)]
@@ -210,10 +218,14 @@ def tree_memory_bytes(pid: int) -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def distribution_proxy(workdir: Path, upstream_url: str) -> Iterator[Proxy]:
-    """CNCF Distribution itself in pull-through proxy mode: the mirror users already know."""
+def distribution_proxy(
+    workdir: Path, upstream_url: str, env: dict[str, str] | None = None
+) -> Iterator[Proxy]:
+    """CNCF Distribution itself in pull-through proxy mode: the mirror users already know.
+
+    Each start gets a cache of its own (cold); Go reads ``SSL_CERT_FILE`` from ``env`` too."""
     port = free_port()
-    cache = workdir / "distribution-cache"
+    cache = workdir / f"distribution-cache-{port}"
     config = workdir / "distribution-proxy.yml"
     config.write_text(
         "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n"
@@ -222,7 +234,8 @@ def distribution_proxy(workdir: Path, upstream_url: str) -> Iterator[Proxy]:
         f"proxy:\n  remoteurl: {upstream_url}\n"
     )
     args = ["docker-registry", "serve", str(config)]
-    with process(args, workdir / "distribution-proxy.log") as pid:
+    full_env = {**os.environ, **(env or {})}
+    with process(args, workdir / f"distribution-proxy-{port}.log", full_env) as pid:
         url = f"http://127.0.0.1:{port}"
         wait_http(url + "/v2/")
         yield Proxy(url, pid, cache)
@@ -332,3 +345,84 @@ def push_image(workdir: Path, registry_url: str, repo: str, layers: int, layer_s
         check=True,
         capture_output=True,
     )
+
+
+@dataclass(frozen=True)
+class TestCA:
+    """A throw-away CA and a server certificate it signed for 127.0.0.1 (and localhost)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def make_test_ca(workdir: Path) -> TestCA:
+    """Made with the openssl command line, so the lab needs no Python crypto package."""
+    folder = workdir / "tls"
+    folder.mkdir(parents=True, exist_ok=True)
+    ca, ca_key = folder / "ca.pem", folder / "ca-key.pem"
+    cert, key, csr = folder / "server.pem", folder / "server-key.pem", folder / "server.csr"
+    extensions = folder / "server.ext"
+    extensions.write_text(
+        "subjectAltName = IP:127.0.0.1, DNS:localhost\n"
+        "basicConstraints = CA:FALSE\nkeyUsage = digitalSignature, keyEncipherment\n"
+        "extendedKeyUsage = serverAuth\n"
+        "subjectKeyIdentifier = hash\nauthorityKeyIdentifier = keyid,issuer\n"
+    )
+    p256 = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    # Python 3.13 verifies strictly (VERIFY_X509_STRICT): the CA needs its key usage.
+    ca_usage = ["-addext", "keyUsage = critical, keyCertSign, cRLSign"]
+    ca_usage += ["-addext", "basicConstraints = critical, CA:TRUE"]
+    _openssl(
+        "req",
+        "-x509",
+        *p256,
+        *ca_usage,
+        "-keyout",
+        ca_key,
+        "-out",
+        ca,
+        "-days",
+        "2",
+        "-subj",
+        "/CN=CA",
+    )
+    _openssl("req", *p256, "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1")
+    _openssl(
+        *("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial"),
+        *("-out", cert, "-days", "2", "-extfile", extensions),
+    )
+    return TestCA(ca, cert, key)
+
+
+def _openssl(*args: str | Path) -> None:
+    subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
+
+
+@contextlib.contextmanager
+def fast_upstream(workdir: Path, tls: TestCA | None = None) -> Iterator[str]:
+    """Distribution on loopback with nothing in between (no nginx, no rate limit); with
+    ``tls`` it serves HTTPS with the test CA's certificate.  Two of these may share one
+    storage root: push through the plain one, read through either.  Yields its URL."""
+    port = free_port()
+    (workdir / "registry").mkdir(parents=True, exist_ok=True)
+    scheme = "https" if tls else "http"
+    config = workdir / f"registry-{scheme}.yml"
+    tls_section = f"  tls:\n    certificate: {tls.cert}\n    key: {tls.key}\n" if tls else ""
+    config.write_text(
+        "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n"
+        f"storage:\n  filesystem:\n    rootdirectory: {workdir / 'registry'}\n"
+        f"http:\n  addr: 127.0.0.1:{port}\n{tls_section}"
+    )
+    with process(["docker-registry", "serve", str(config)], workdir / f"registry-{scheme}.log"):
+        url = f"{scheme}://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                httpx.get(url + "/v2/", timeout=1.0, verify=str(tls.ca) if tls else True)
+                break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        yield url

@@ -14,13 +14,23 @@ whose access log counts upstream bytes), all running at once, and get the same w
 and for each mirror the peak memory of its whole process tree (RSS summed, and PSS, which
 counts pages shared between forked workers once) and CPU seconds per GB served.
 
+With ``--fast-upstream`` it measures the cold path at wire speed instead (issue 11): the
+upstream is Distribution on loopback with nothing in between, over plain HTTP and over HTTPS
+(a test CA made with openssl, trusted through ``SSL_CERT_FILE``); one client on a cold blob,
+four clients on one cold blob, four clients on four cold blobs; for ours, Distribution's
+proxy, and curl straight from the upstream.  Every round starts each mirror with an empty
+cache; the table has the median of ``--rounds`` rounds.
+
     .venv/bin/python bench/compare.py            # prints the table, writes docs/benchmark.png
+    .venv/bin/python bench/compare.py --fast-upstream --rounds 3
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import math
+import os
 import shutil
 import statistics
 import subprocess
@@ -238,6 +248,121 @@ ROWS = [
 ]
 
 
+# -- the cold path at wire speed (--fast-upstream) ---------------------------------------------
+
+FAST_SCENARIOS = {"1 client, 1 blob": (1, 1), "4 clients, 1 blob": (4, 1), "4 on 4 blobs": (4, 4)}
+FAST_MIRRORS = ("ours", "Distribution", "curl direct")
+# (scheme, scenario, mirror) -> one measurement per round: (MB/s, CPU s per GB or nan, TTFB)
+FastRuns = dict[tuple[str, str, str], list[tuple[float, float, float]]]
+
+
+async def fast_client(url: str, size: int, ca: Path | None) -> tuple[float, float]:
+    """One curl to /dev/null: (time to first byte, done), both from its own start."""
+    command = ["curl", "-sS", "--fail", "-o", "/dev/null"]
+    command += ["-w", "%{time_starttransfer} %{size_download}", url]
+    command += ["--cacert", str(ca)] if ca else []
+    started = trio.current_time()
+    result = await trio.run_process(command, capture_stdout=True)
+    done = trio.current_time() - started
+    first_byte, received = result.stdout.decode().split()
+    if int(received) != size:
+        sys.exit(f"bench: {url} gave {received} of {size} bytes")
+    return float(first_byte), done
+
+
+async def parallel_pulls(urls: list[str], size: int, ca: Path | None) -> tuple[float, float]:
+    """All ``urls`` at once: (first time to first byte, time until the last is done)."""
+    times: list[tuple[float, float]] = []
+
+    async def one(url: str) -> None:
+        times.append(await fast_client(url, size, ca))
+
+    async with trio.open_nursery() as nursery:
+        for url in urls:
+            nursery.start_soon(one, url)
+    return min(t for t, _ in times), max(d for _, d in times)
+
+
+@contextlib.contextmanager
+def fast_mirror(
+    mirror: str, workdir: Path, upstream_url: str, ca: Path | None
+) -> Iterator[tuple[str, int | None]]:
+    """A mirror with an empty cache: (base URL, pid whose process tree does the work)."""
+    env = {"SSL_CERT_FILE": str(ca)} if ca else {}
+    if mirror == "curl direct":
+        yield upstream_url, None
+        return
+    start = _lab.proxy if mirror == "ours" else _lab.distribution_proxy
+    with start(workdir, upstream_url, env=env) as proxy:
+        yield proxy.url, proxy.pid
+    shutil.rmtree(proxy.cache, ignore_errors=True)
+
+
+def fast_round(
+    runs: FastRuns, scheme: str, workdir: Path, upstream: str, ca: Path | None, blobs: Blobs
+) -> None:
+    """One round: each mirror starts empty, and each scenario pulls blobs it has not seen."""
+    digests, size = blobs
+    for mirror in FAST_MIRRORS:
+        with fast_mirror(mirror, workdir, upstream, ca) as (url, pid):
+            unused = iter(digests)
+            for scenario, (clients, count) in FAST_SCENARIOS.items():
+                chosen = [next(unused) for _ in range(count)]
+                urls = [f"{url}/v2/bench/blob/blobs/{chosen[i % count]}" for i in range(clients)]
+                cpu = _lab.tree_cpu_seconds(pid) if pid else 0.0
+                first_byte, wall = trio.run(parallel_pulls, urls, size, ca)
+                total = size * clients
+                used = _lab.tree_cpu_seconds(pid) - cpu if pid else math.nan
+                runs.setdefault((scheme, scenario, mirror), []).append(
+                    (total / wall / 1e6, used / (total / GB), first_byte)
+                )
+
+
+Blobs = tuple[list[str], int]
+
+
+def fast_upstream(args: argparse.Namespace) -> None:
+    """The --fast-upstream benchmark: prints one table row per scheme and scenario."""
+    _lab.require("docker-registry", "curl", "openssl")
+    runs: FastRuns = {}
+    size = args.size_mib * 1024 * 1024
+    needed = sum(count for _, count in FAST_SCENARIOS.values())
+    with tempfile.TemporaryDirectory(prefix="streamsync-fast-") as tmp:
+        workdir = Path(tmp)
+        ca = _lab.make_test_ca(workdir)
+        with _lab.fast_upstream(workdir) as plain, _lab.fast_upstream(workdir, ca) as tls:
+            digests = [_lab.push_blob(plain, "bench/blob", size) for _ in range(needed)]
+            loads = [os.getloadavg()[0]]
+            for _ in range(args.rounds):
+                for scheme, url in (("http", plain), ("https", tls)):
+                    fast_round(runs, scheme, workdir, url, ca.ca, (digests, size))
+                loads.append(os.getloadavg()[0])
+    print(
+        f"\ncold path at wire speed: {args.size_mib} MiB blobs, Distribution on loopback as the "
+        f"upstream, median of {args.rounds} rounds; {time.strftime('%Y-%m-%d %H:%M')}, "
+        f"1-min load average {', '.join(f'{x:.2f}' for x in loads)}\n"
+    )
+    print(
+        "| upstream | scenario | ours MB/s | Distribution MB/s | curl direct MB/s | ours / Dist. "
+        "| ours / curl | CPU s/GB ours / Dist. | TTFB s ours / Dist. |"
+    )
+    print("|" + " --- |" * 9)
+    for scheme in ("http", "https"):
+        for scenario in FAST_SCENARIOS:
+            ours, dist, curl = (
+                [statistics.median(r[k] for r in runs[(scheme, scenario, m)]) for k in range(3)]
+                for m in FAST_MIRRORS
+            )
+            print(
+                f"| {scheme} | {scenario} | {ours[0]:.0f} | {dist[0]:.0f} | {curl[0]:.0f} | "
+                f"{ours[0] / dist[0]:.2f} | {ours[0] / curl[0]:.2f} | "
+                f"{ours[1]:.2f} / {dist[1]:.2f} | {ours[2]:.3f} / {dist[2]:.3f} |"
+            )
+    print("\nevery round (MB/s):")
+    for (scheme, scenario, mirror), values in runs.items():
+        print(f"  {scheme} {scenario} {mirror}: " + ", ".join(f"{v[0]:.0f}" for v in values))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=256)
@@ -248,7 +373,14 @@ def main() -> None:
     parser.add_argument("--warm-rounds", type=int, default=5, help="warm rounds per mirror")
     parser.add_argument("--skip-big", action="store_true", help="skip the 1 GiB x 16 run")
     parser.add_argument("--chart", type=Path, default=DOCS / "benchmark.png")
+    parser.add_argument(
+        "--fast-upstream", action="store_true", help="the cold path at wire speed (issue 11)"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="--fast-upstream rounds")
     args = parser.parse_args()
+    if args.fast_upstream:
+        fast_upstream(args)
+        return
     _lab.require("docker-registry", "nginx", "skopeo", "curl")
     with lab(args) as (workdir, up, blobs):
         # The default first (one worker), then the --workers choice, then the peer.

@@ -15,6 +15,7 @@ there, not here.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import logging
@@ -102,6 +103,10 @@ class Fetch:
         download = self.download
         download.upstream_requests += 1
         async with self.source(download.available) as body:
+            # A body read from another node of a cluster (``from_peer``, see
+            # ``Claim.source``) is not upstream traffic: the upstream bytes count only what
+            # the upstream registry sent.
+            upstream = not getattr(body, "from_peer", False)
             admit(download, body.total_size, self.check_room)
             if body.offset > download.available:
                 raise upstream_unavailable("blob", "upstream resumed past the requested offset")
@@ -125,6 +130,11 @@ class Fetch:
                         if not chunk:
                             continue
                     self._bound(len(batch) + len(chunk))
+                    if not batch and len(chunk) >= self.chunk_size:
+                        # A large piece (the wire reader hands over up to 1 MiB) goes to
+                        # disk as it is: copying it into the batch first would only cost.
+                        await self._write(bytes(chunk), hasher, upstream)
+                        continue
                     if not batch:
                         batch_started = trio.current_time()
                     batch += chunk
@@ -132,13 +142,13 @@ class Fetch:
                         len(batch) >= self.chunk_size
                         or trio.current_time() - batch_started >= FLUSH_INTERVAL
                     ):
-                        await self._flush(batch, hasher)
+                        await self._flush(batch, hasher, upstream)
             except RegistryError as error:
                 # Keep what arrived intact: a resume continues from there.
                 if is_transient(error):
-                    await self._flush(batch, hasher)
+                    await self._flush(batch, hasher, upstream)
                 raise
-            await self._flush(batch, hasher)
+            await self._flush(batch, hasher, upstream)
 
     def _bound(self, pending: int) -> None:
         """Refuse a body growing past its size, or past the maximum when it has none."""
@@ -150,14 +160,18 @@ class Fetch:
         if size is None and maximum is not None and total > maximum:
             raise too_large("the upstream sent more without a length", maximum)
 
-    async def _flush(self, batch: bytearray, hasher: hashlib._Hash) -> None:
+    async def _flush(self, batch: bytearray, hasher: hashlib._Hash, upstream: bool) -> None:
         if not batch:
             return
-        download = self.download
         data = bytes(batch)
         batch.clear()
+        await self._write(data, hasher, upstream)
+
+    async def _write(self, data: bytes, hasher: hashlib._Hash, upstream: bool) -> None:
+        download = self.download
         await trio.to_thread.run_sync(write_and_hash, self.fd, download.available, data, hasher)
-        self.stats.upstream_bytes += len(data)
+        if upstream:
+            self.stats.upstream_bytes += len(data)
         download.advance(download.available + len(data))
 
 
@@ -202,10 +216,37 @@ def write_failure(exc: OSError) -> tuple[str, RegistryError]:
 
 
 def write_and_hash(fd: int, offset: int, data: bytes, hasher: hashlib._Hash) -> None:
-    """One worker-thread hop per batch: hashlib and pwrite both release the GIL."""
+    """One worker-thread hop per batch: hashlib and pwrite both release the GIL.
+
+    The written range is handed to the disk at once (``sync_file_range``, asynchronous): the
+    fsync before the commit then finds little left to write, where it would otherwise flush
+    the whole blob while every client waits for its last byte (issue 11)."""
     view = memoryview(data)
+    start = offset
     while view:
         written = os.pwrite(fd, view, offset)
         view = view[written:]
         offset += written
     hasher.update(data)
+    start_writeback(fd, start, len(data))
+
+
+def _sync_file_range() -> Callable[[int, int, int], None]:
+    """``sync_file_range(fd, offset, count, SYNC_FILE_RANGE_WRITE)`` where the C library has
+    it (Linux; Python's ``os`` does not), else a no-op.  Start write-back, wait for nothing;
+    a failure here is harmless (the fsync that follows reports real write errors)."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (AttributeError, OSError):
+        return lambda fd, offset, count: None
+    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    function.restype = ctypes.c_int
+    write = 2  # SYNC_FILE_RANGE_WRITE
+
+    def start(fd: int, offset: int, count: int) -> None:
+        function(fd, offset, count, write)
+
+    return start
+
+
+start_writeback = _sync_file_range()

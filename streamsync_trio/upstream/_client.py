@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import re
+import ssl
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -32,6 +33,8 @@ import trio
 
 from .._config import UpstreamConfig
 from .._errors import RegistryError, upstream_timeout, upstream_unavailable
+from ._readahead import read_ahead
+from ._wire import WireTransport, environment_mounts
 
 log = logging.getLogger("streamsync_trio.upstream")
 
@@ -152,31 +155,30 @@ class Upstream:
     """A client for one configured upstream registry."""
 
     def __init__(
-        self, config: UpstreamConfig, *, transport: httpx.AsyncBaseTransport | None = None
+        self,
+        config: UpstreamConfig,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        blob_transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        """``transport`` replaces the network for every request (tests); blob bodies go
+        through ``blob_transport`` when given, else through the large-buffer
+        :class:`WireTransport` when the network is real, else through ``transport``."""
         self.config = config
         self.name = config.name
-        timeout = httpx.Timeout(
-            connect=config.connect_timeout,
-            read=config.read_timeout,
-            write=config.read_timeout,
-            pool=config.connect_timeout,
-        )
-        self._client = httpx.AsyncClient(
-            base_url=config.url,
-            timeout=timeout,
-            follow_redirects=True,
-            # Every in-flight blob holds a connection for its whole transfer; documents and
-            # tokens have slots of their own beside them.
-            limits=httpx.Limits(
-                max_connections=2 * config.max_concurrent + 4, max_keepalive_connections=16
-            ),
-            # Compression gains a proxy nothing (blobs are compressed already, manifests are
-            # small) and a compressed body can expand a thousandfold: ask for identity.
-            headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
-            transport=transport,
-            http2=False,
-        )
+        # One context for both clients: tokens, manifests and blobs trust the same CAs
+        # (``SSL_CERT_FILE``/``SSL_CERT_DIR`` from the environment, as httpx reads them).
+        context = httpx.create_ssl_context()
+        self._client = _http_client(config, transport, context)
+        if blob_transport is None and transport is not None:
+            self._blob_client = self._client
+        else:
+            # Blob bodies are most of the bytes: read them with large buffers (issue 11).
+            # Where the environment routes a URL through a proxy, httpx's own proxy
+            # transport fetches it instead (the wire transport never tunnels).
+            mounts = environment_mounts(context, _limits(config))
+            wire = blob_transport or WireTransport(context)
+            self._blob_client = _http_client(config, wire, context, mounts)
         self._tokens: dict[str, tuple[str, float]] = {}
         self._basic_required = False
         self._token_locks: dict[str, trio.Lock] = {}
@@ -196,6 +198,8 @@ class Upstream:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+        if self._blob_client is not self._client:
+            await self._blob_client.aclose()
 
     # -- public operations -------------------------------------------------------------------
 
@@ -267,7 +271,10 @@ class Upstream:
             else:
                 length = response.headers.get("Content-Length")
                 total = int(length) if length and length.isdigit() else None
-            yield BlobStream(total, start, self._raw_chunks(response))
+            # Received ahead by a task of its own: the socket keeps filling while the core
+            # hashes and writes the previous pieces in a worker thread.
+            async with read_ahead(self._raw_chunks(response)) as chunks:
+                yield BlobStream(total, start, chunks)
 
     async def passthrough(
         self,
@@ -382,10 +389,10 @@ class Upstream:
         try:
             # The upstream may have asked us to back off while we queued.
             self._refuse_while_cooling_down()
-            response = await self._send(method, path, scope, headers, params)
+            response = await self._send(method, path, scope, headers, params, kind)
             if response.status_code == 401:
                 response = await self._answer_challenge(
-                    response, method, path, scope, headers, params
+                    response, method, path, scope, headers, params, kind
                 )
             try:
                 self._note_backoff_request(response)
@@ -404,6 +411,7 @@ class Upstream:
         scope: str,
         headers: dict[str, str],
         params: dict[str, str] | None,
+        kind: str,
     ) -> httpx.Response:
         """Authenticate after a 401 and send again, if the 401 came from the upstream itself.
 
@@ -412,19 +420,26 @@ class Upstream:
         to trust: answering it would hand the upstream's password to whoever that host
         chose, so it is an error, sent nowhere.
         """
+        try:
+            if _origin(response.url) != self._origin:
+                host = response.url.host
+                raise upstream_unavailable(
+                    self.name,
+                    f"{host}, where it redirected us, refused access (401); "
+                    "no credentials are sent there",
+                )
+            challenge = parse_challenge(response.headers.get("WWW-Authenticate", ""))
+            self._forget_rejected_token(scope, response.request)
+            retry = challenge is not None and await self._authenticate(challenge, scope)
+        except BaseException:
+            await response.aclose()
+            raise
+        if not retry:
+            # Still open: the caller reads the upstream's explanation from its body (a
+            # closed streamed response cannot be read, only an in-memory one could).
+            return response
         await response.aclose()
-        if _origin(response.url) != self._origin:
-            host = response.url.host
-            raise upstream_unavailable(
-                self.name,
-                f"{host}, where it redirected us, refused access (401); "
-                "no credentials are sent there",
-            )
-        challenge = parse_challenge(response.headers.get("WWW-Authenticate", ""))
-        self._forget_rejected_token(scope, response.request)
-        if challenge is not None and await self._authenticate(challenge, scope):
-            return await self._send(method, path, scope, headers, params)
-        return response
+        return await self._send(method, path, scope, headers, params, kind)
 
     def _refuse_remembered_denial(self, scope: str) -> None:
         remembered = self._denied.get(scope)
@@ -497,15 +512,17 @@ class Upstream:
         scope: str,
         headers: dict[str, str],
         params: dict[str, str] | None,
+        kind: str,
     ) -> httpx.Response:
         headers = dict(headers)
         authorization = self._authorization(scope)
         if authorization:
             headers["Authorization"] = authorization
-        request = self._client.build_request(method, path, headers=headers, params=params)
+        client = self._blob_client if kind == "blob" else self._client
+        request = client.build_request(method, path, headers=headers, params=params)
         started = trio.current_time()
         try:
-            response = await self._client.send(request, stream=True)
+            response = await client.send(request, stream=True)
         except httpx.HTTPError as exc:
             error = self._transport_error(exc)
             self.stats.count(
@@ -763,6 +780,39 @@ _CODE_FOR_STATUS = {
     413: "SIZE_INVALID",
     416: "UNSUPPORTED",
 }
+
+
+def _limits(config: UpstreamConfig) -> httpx.Limits:
+    # Every in-flight blob holds a connection for its whole transfer; documents and tokens
+    # have slots of their own beside them.
+    return httpx.Limits(max_connections=2 * config.max_concurrent + 4, max_keepalive_connections=16)
+
+
+def _http_client(
+    config: UpstreamConfig,
+    transport: httpx.AsyncBaseTransport | None,
+    context: ssl.SSLContext,
+    mounts: dict[str, httpx.AsyncBaseTransport | None] | None = None,
+) -> httpx.AsyncClient:
+    timeout = httpx.Timeout(
+        connect=config.connect_timeout,
+        read=config.read_timeout,
+        write=config.read_timeout,
+        pool=config.connect_timeout,
+    )
+    return httpx.AsyncClient(
+        base_url=config.url,
+        timeout=timeout,
+        follow_redirects=True,
+        limits=_limits(config),
+        # Compression gains a proxy nothing (blobs are compressed already, manifests are
+        # small) and a compressed body can expand a thousandfold: ask for identity.
+        headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
+        transport=transport,
+        mounts=mounts,
+        verify=context,
+        http2=False,
+    )
 
 
 def _received(response: httpx.Response) -> AsyncIterator[bytes]:

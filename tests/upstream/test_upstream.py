@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -33,6 +33,7 @@ from streamsync_trio.upstream._client import (
 )
 
 from ..labs.fakes import CDN, FakeRegistry, Fault, digest_of
+from ..labs.wirelab import serving_tls, wire_to
 
 HOST = "registry.fake.test"
 REPO = "library/app"
@@ -50,13 +51,49 @@ def basic(username: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
 
 
+# The tests of blob bodies run twice: with httpx reading the body from the transport the test
+# scripts, and with the large-buffer wire reader reading it from the same transport served over
+# real TLS (tests.labs.wirelab); what a client sees must not differ.
+BOTH_READERS = {
+    "test_anonymous_manifest_and_blob",
+    "test_blob_redirects_never_carry_credentials_to_another_host",
+    "test_not_found_upstream_is_404",
+    "test_upstream_status_mapping",
+    "test_connection_drop_mid_blob_is_502",
+    "test_open_blob_at_an_offset_sends_range_and_reads_206",
+    "test_open_blob_when_the_upstream_ignores_range",
+    "test_206_content_range_parsing",
+    "test_blob_without_content_length_has_unknown_size",
+}
+_reader = ["httpx"]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.function.__name__ in BOTH_READERS:
+        metafunc.parametrize("blob_reader", ["httpx", "wire"], indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def blob_reader(request: pytest.FixtureRequest) -> Iterator[str]:
+    _reader[0] = getattr(request, "param", "httpx")
+    yield _reader[0]
+    _reader[0] = "httpx"
+
+
 @asynccontextmanager
 async def open_upstream(
     transport: httpx.AsyncBaseTransport, **settings: Any
 ) -> AsyncIterator[Upstream]:
-    upstream = Upstream(
-        UpstreamConfig(name=HOST, url=f"https://{HOST}", **settings), transport=transport
-    )
+    config = UpstreamConfig(name=HOST, url=f"https://{HOST}", **settings)
+    if _reader[0] == "wire":
+        async with serving_tls(transport) as port:
+            upstream = Upstream(config, transport=transport, blob_transport=wire_to(port))
+            try:
+                yield upstream
+            finally:
+                await upstream.aclose()
+        return
+    upstream = Upstream(config, transport=transport)
     try:
         yield upstream
     finally:

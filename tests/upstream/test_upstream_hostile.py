@@ -12,8 +12,8 @@ import base64
 import gzip
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import httpx
@@ -23,6 +23,8 @@ import trio.testing
 
 from streamsync_trio import RegistryError, UpstreamConfig
 from streamsync_trio.upstream._client import MAX_TOKEN_RESPONSE, Upstream
+
+from ..labs.wirelab import serving_tls, wire_to
 
 HOST = "registry.fake.test"
 REALM = "https://auth.fake.test/token"
@@ -37,16 +39,36 @@ PASSWORD = "hunter2-but-longer"
 Handler = Callable[[httpx.Request], Coroutine[Any, Any, httpx.Response]]
 
 
+# Blob tests run with httpx reading the body and with the wire reader reading it over real TLS.
+BOTH_READERS = {"test_credentials_never_answer_a_challenge_from_a_redirect_target"}
+_reader = ["httpx"]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.function.__name__ in BOTH_READERS:
+        metafunc.parametrize("blob_reader", ["httpx", "wire"], indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def blob_reader(request: pytest.FixtureRequest) -> Iterator[str]:
+    _reader[0] = getattr(request, "param", "httpx")
+    yield _reader[0]
+    _reader[0] = "httpx"
+
+
 @asynccontextmanager
 async def upstream_over(handler: Handler, **settings: Any) -> AsyncIterator[Upstream]:
-    upstream = Upstream(
-        UpstreamConfig(name=HOST, url=f"https://{HOST}", **settings),
-        transport=httpx.MockTransport(handler),
-    )
-    try:
-        yield upstream
-    finally:
-        await upstream.aclose()
+    config = UpstreamConfig(name=HOST, url=f"https://{HOST}", **settings)
+    transport = httpx.MockTransport(handler)
+    async with AsyncExitStack() as stack:
+        wire = None
+        if _reader[0] == "wire":
+            wire = wire_to(await stack.enter_async_context(serving_tls(transport)))
+        upstream = Upstream(config, transport=transport, blob_transport=wire)
+        try:
+            yield upstream
+        finally:
+            await upstream.aclose()
 
 
 def challenge() -> httpx.Response:

@@ -1,0 +1,149 @@
+"""The wire lab: an httpx transport (a FakeRegistry, a MockTransport) served over real TLS.
+
+The large-buffer blob reader (``streamsync_trio.upstream._wire``) talks to sockets, not to an
+httpx transport, so its fault tests need the fake upstream on a real connection: hypercorn on
+a loopback port, with a certificate for ``*.fake.test`` signed by a test CA (made once per
+session with the openssl command line).  The reader's ``connect`` goes to that port whatever
+the host; TLS still checks the host name and sends it as SNI.  The ASGI adapter takes the
+host from the request's ``Host``, so a redirect to ``cdn.fake.test`` reaches the fake as such.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import shutil
+import ssl
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+
+from streamsync_trio.upstream._wire import WireTransport
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Certificates:
+    ca: Path
+    cert: Path
+    key: Path
+
+
+@functools.cache
+def certificates() -> Certificates:
+    """A test CA and a server certificate for the fake hosts, made once per session."""
+    folder = Path(tempfile.mkdtemp(prefix="wirelab-"))
+    atexit.register(shutil.rmtree, folder, True)
+    ca, ca_key = folder / "ca.pem", folder / "ca-key.pem"
+    cert, key, csr = folder / "server.pem", folder / "server-key.pem", folder / "server.csr"
+    extensions = folder / "server.ext"
+    extensions.write_text(
+        "subjectAltName = DNS:registry.fake.test, DNS:cdn.fake.test, DNS:auth.fake.test\n"
+        "basicConstraints = CA:FALSE\nkeyUsage = digitalSignature, keyEncipherment\n"
+        "extendedKeyUsage = serverAuth\n"
+        "subjectKeyIdentifier = hash\nauthorityKeyIdentifier = keyid,issuer\n"
+    )
+    p256 = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    ca_ext = ["-addext", "keyUsage = critical, keyCertSign, cRLSign"]
+    ca_ext += ["-addext", "basicConstraints = critical, CA:TRUE"]
+    _openssl("req", "-x509", *p256, *ca_ext, "-keyout", ca_key, "-out", ca, "-subj", "/CN=test CA")
+    _openssl("req", *p256, "-keyout", key, "-out", csr, "-subj", "/CN=registry.fake.test")
+    _openssl(
+        *("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial"),
+        *("-out", cert, "-days", "2", "-extfile", extensions),
+    )
+    return Certificates(ca, cert, key)
+
+
+def _openssl(*args: str | Path) -> None:
+    subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
+
+
+def client_context(ca: Path | None = None) -> ssl.SSLContext:
+    """What the proxy's clients verify with, trusting ``ca`` (the test CA by default)."""
+    return ssl.create_default_context(cafile=str(ca or certificates().ca))
+
+
+def asgi_app(
+    transport: httpx.AsyncBaseTransport,
+) -> Callable[
+    [Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]
+]:
+    async def app(
+        scope: Scope,
+        receive: Callable[[], Awaitable[Message]],
+        send: Callable[[Message], Awaitable[None]],
+    ) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                await send({"type": message["type"] + ".complete"})
+                if message["type"] == "lifespan.shutdown":
+                    return
+        headers = [(k.decode(), v.decode()) for k, v in scope["headers"]]
+        host = dict(headers).get("host", "registry.fake.test").split(":")[0]
+        query = scope["query_string"].decode()
+        url = f"https://{host}{scope['path']}" + (f"?{query}" if query else "")
+        request = httpx.Request(scope["method"], url, headers=headers)
+        response = await transport.handle_async_request(request)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": response.status_code,
+                "headers": [(k.encode(), v.encode()) for k, v in response.headers.items()],
+            }
+        )
+        stream = response.stream
+        assert isinstance(stream, httpx.AsyncByteStream)
+        try:
+            if scope["method"] != "HEAD":
+                async for chunk in stream:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        finally:
+            await stream.aclose()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    return app
+
+
+@asynccontextmanager
+async def serving_tls(transport: httpx.AsyncBaseTransport) -> AsyncIterator[int]:
+    """Serve ``transport`` over HTTPS on a free loopback port; yields the port."""
+    certs = certificates()
+    config = HypercornConfig()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    config.graceful_timeout = 0.2
+    config.certfile = str(certs.cert)
+    config.keyfile = str(certs.key)
+    config.alpn_protocols = ["http/1.1"]
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(
+            partial(serve, asgi_app(transport), config, shutdown_trigger=shutdown.wait)  # type: ignore[arg-type]
+        )
+        try:
+            yield int(binds[0].rsplit(":", 1)[1])
+        finally:
+            shutdown.set()
+
+
+def wire_to(port: int, ca: Path | None = None) -> WireTransport:
+    """The blob reader, connecting to ``port`` on loopback whatever host a URL names."""
+
+    async def connect(host: str, _port: int) -> trio.abc.Stream:
+        return await trio.open_tcp_stream("127.0.0.1", port)
+
+    return WireTransport(client_context(ca), connect=connect)
