@@ -26,6 +26,7 @@ whole transfer anyway, and a connection that is never reused cannot be found hal
 
 from __future__ import annotations
 
+import logging
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -45,6 +46,9 @@ _DECRYPT_IN_THREAD = 128 * 1024
 _MAX_HEAD = 64 * 1024  # response line and headers; h11's limit on an incomplete event
 
 Connect = Callable[[str, int], Awaitable[trio.abc.Stream]]
+
+
+log = logging.getLogger("streamsync_trio.upstream")
 
 
 async def _open_tcp(host: str, port: int) -> trio.abc.Stream:
@@ -69,6 +73,9 @@ class WireTransport(httpx.AsyncBaseTransport):
         if url.scheme not in ("http", "https"):
             raise httpx.UnsupportedProtocol(f"unsupported scheme {url.scheme!r}", request=request)
         port = url.port or (443 if url.scheme == "https" else 80)
+        # As httpcore logs its connections: which host each hop of a blob went to (a CDN's
+        # redirect, say), never the query, which may carry a signature.
+        log.debug("blob connection to %s:%d (%s)", url.host, port, url.scheme)
         with _mapped(request, httpx.ConnectError, httpx.ConnectTimeout, timeouts.get("connect")):
             stream = await self._connect(url.host, port)
             if url.scheme == "https":
@@ -78,6 +85,7 @@ class WireTransport(httpx.AsyncBaseTransport):
             with _mapped(request, httpx.WriteError, httpx.WriteTimeout, timeouts.get("write")):
                 await connection.send_request()
             head = await connection.receive_head()
+            log.debug("blob response %d from %s:%d", head.status_code, url.host, port)
         except BaseException:
             await connection.aclose()
             raise
