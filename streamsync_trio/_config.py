@@ -62,6 +62,44 @@ class UpstreamConfig:
         return f"UpstreamConfig(name={self.name!r}, url={self.url!r}, default={self.default})"
 
 
+# The public contract (issue 13): "replicate" (each node keeps what its clients pull) or
+# "shard" (each node keeps only the digests it is the home of; the others it streams through).
+PLACEMENTS = ("replicate", "shard")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_DNS_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DNS_NAME = re.compile(rf"(?=.{{1,253}}$){_DNS_LABEL}(?:\.{_DNS_LABEL})*\.?")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """``[cluster]``: several proxies that fetch each blob from the upstream once between them.
+
+    The peer secret is not a field: like upstream passwords it is read from the environment at
+    use (:meth:`secret`), so it never sits in an object that might be logged.
+    """
+
+    node_url: str  # how the other nodes reach this one
+    redis_url: str
+    secret_env: str
+    members: tuple[str, ...] = ()  # exactly one of members / members_dns is set
+    members_dns: tuple[str, int] | None = None  # (name, port): a headless Service, say
+    placement: str = "replicate"
+    heartbeat_ttl: float = 3.0
+    lease_ttl: float = 15.0
+
+    def secret(self, environ: Mapping[str, str] | None = None) -> bytes:
+        """The shared peer secret; a missing or empty variable is a config error, not a
+        cluster whose peer requests anyone could forge."""
+        environ = os.environ if environ is None else environ
+        value = environ.get(self.secret_env, "")
+        if not value:
+            raise ConfigError(
+                f"cluster.secret_env: the environment variable {self.secret_env} "
+                "(the peer secret) is not set or empty"
+            )
+        return value.encode()
+
+
 @dataclass(frozen=True)
 class Config:
     storage_root: Path = Path("./data")
@@ -77,6 +115,7 @@ class Config:
     htpasswd: Path | None = None  # client auth: off unless an htpasswd file is named
     auth_realm: str = "streamsync-trio"
     metrics_open: bool = False  # with auth on, may /metrics be scraped without credentials?
+    cluster: ClusterConfig | None = None  # [cluster]: None runs a single node
     log_level: str = "info"
     upstreams: tuple[UpstreamConfig, ...] = field(
         default_factory=lambda: (
@@ -114,9 +153,12 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: {exc}") from exc
     try:
-        return parse_config(data)
+        config = parse_config(data)
+        if config.cluster is not None:
+            config.cluster.secret(environ)  # at start, not at the first peer request
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    return config
 
 
 class _Table:
@@ -200,6 +242,8 @@ def parse_config(data: dict[str, Any]) -> Config:
         raise ConfigError('log.level: must be "debug", "info", "warning" or "error"')
     log.finish()
 
+    raw_cluster = top.get("cluster", dict, None)
+    cluster = None if raw_cluster is None else _parse_cluster(raw_cluster)
     raw_upstreams = top.get("upstream", list, None)
     top.finish()
     if raw_upstreams is None:
@@ -227,6 +271,7 @@ def parse_config(data: dict[str, Any]) -> Config:
         htpasswd=None if htpasswd is None else Path(htpasswd),
         auth_realm=auth_realm,
         metrics_open=metrics_open,
+        cluster=cluster,
     )
 
 
@@ -316,3 +361,108 @@ def _parse_upstream(raw: Any, index: int) -> UpstreamConfig:
         raise ConfigError(f"upstream[{index}].max_queue: must be between 0 and 100000")
     table.finish()
     return upstream
+
+
+def _parse_cluster(raw: Any) -> ClusterConfig:
+    """``[cluster]``: every key checked, since a node that silently ignores a misspelt
+    ``members`` would fetch every blob on its own and nobody would notice."""
+    table = _Table(raw, "cluster")
+    node_url = table.get("node_url", str, None)
+    if node_url is None:
+        raise ConfigError("cluster.node_url: missing (how the other nodes reach this one)")
+    node_url = _peer_url(node_url, "cluster.node_url")
+    raw_members = table.get("members", list, None)
+    raw_dns = table.get("members_dns", str, None)
+    if (raw_members is None) == (raw_dns is None):
+        raise ConfigError("cluster.members: give exactly one of members or members_dns")
+    members: tuple[str, ...] = ()
+    if raw_members is not None:
+        members = _parse_members(raw_members, node_url)
+    redis_url = table.get("redis_url", str, None)
+    if redis_url is None:
+        raise ConfigError("cluster.redis_url: missing")
+    secret_env = table.get("secret_env", str, None)
+    if secret_env is None or not _ENV_NAME.fullmatch(secret_env):
+        raise ConfigError("cluster.secret_env: the NAME of an environment variable is needed")
+    placement = table.get("placement", str, "replicate")
+    if placement not in PLACEMENTS:
+        raise ConfigError('cluster.placement: must be "replicate" or "shard"')
+    cluster = ClusterConfig(
+        node_url=node_url,
+        redis_url=_redis_url(redis_url),
+        secret_env=secret_env,
+        members=members,
+        members_dns=None if raw_dns is None else _members_dns(raw_dns),
+        placement=placement,
+        heartbeat_ttl=_ttl(table, "heartbeat_ttl", 3.0),
+        lease_ttl=_ttl(table, "lease_ttl", 15.0),
+    )
+    table.finish()
+    return cluster
+
+
+def _peer_url(url: str, key: str) -> str:
+    """A node's base URL: scheme and host only, because peers build paths under it and sign
+    them, and a base path would have to be stripped again on the other side."""
+    parts = urlsplit(url)
+    if "@" in parts.netloc:
+        raise ConfigError(f"{key}: no credentials in the URL")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{key}: {url!r} must be an http(s) URL with a host")
+    try:
+        parts.port  # noqa: B018 - raises on a port out of range
+    except ValueError:
+        raise ConfigError(f"{key}: {url!r} has an invalid port") from None
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(f"{key}: {url!r} must have no path, query or fragment")
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _parse_members(raw: list[Any], node_url: str) -> tuple[str, ...]:
+    if not raw:
+        raise ConfigError("cluster.members: must not be empty")
+    members: list[str] = []
+    for index, value in enumerate(raw):
+        key = f"cluster.members[{index}]"
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__}")
+        url = _peer_url(value, key)
+        if url in members:
+            raise ConfigError(f"{key}: {url!r} is listed twice")
+        members.append(url)
+    if node_url not in members:
+        # Every node ranks digests over the same list; a node outside its own list would
+        # never be anyone's home and its operator would not know why.
+        raise ConfigError(f"cluster.members: must include this node's node_url {node_url!r}")
+    return tuple(members)
+
+
+def _members_dns(value: str) -> tuple[str, int]:
+    name, _, port = value.rpartition(":")
+    if not _DNS_NAME.fullmatch(name) or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f'cluster.members_dns: {value!r} must be "name:port"')
+    return name, int(port)
+
+
+def _redis_url(url: str) -> str:
+    parts = urlsplit(url)
+    if "@" in parts.netloc:
+        # The URL is logged and shown on the status page.
+        raise ConfigError("cluster.redis_url: no credentials in the URL")
+    database = parts.path.removeprefix("/")
+    if (
+        parts.scheme not in ("redis", "rediss")
+        or not parts.hostname
+        or not (database == "" or database.isdigit())
+        or parts.query
+        or parts.fragment
+    ):
+        raise ConfigError(f"cluster.redis_url: {url!r} must look like redis://host:6379/0")
+    return url
+
+
+def _ttl(table: _Table, key: str, default: float) -> float:
+    value = table.positive_number(key, default)
+    if not 0.1 <= value <= 3600:
+        raise ConfigError(f"cluster.{key}: must be between 0.1 and 3600 seconds")
+    return value

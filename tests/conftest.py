@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ import trio.testing
 from streamsync_trio.core._store import Store
 
 from .labs.fakes import UPSTREAM, FakeRegistry
+from .labs.redislab import RedisServer
 
 
 @pytest.fixture
@@ -38,3 +40,14 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
     )
     monkeypatch.setenv("STREAMSYNC_CONFIG", str(config))
     return Store(root)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server of this test's own on a free loopback port, stopped afterwards."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

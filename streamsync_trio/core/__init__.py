@@ -6,8 +6,9 @@ May import: the top-level modules (``_config``, ``_errors``, ``_reference``, ``_
 """
 
 from ._blobs import BlobHead, BlobRead, BlobService
-from ._downloads import Download, Subscriber
+from ._downloads import BlobBody, BlobSource, Download, Subscriber
 from ._eviction import CacheKeeper, collect_garbage
+from ._lease import LeaseFiles
 from ._limits import SizeBound
 from ._listings import (
     INDEX_MEDIA_TYPE,
@@ -35,14 +36,17 @@ from ._registry import DownloadRegistry
 from ._retry import RetryPolicy
 from ._scrub import Finding, ScrubReport, content_listing, prune_links, scrub
 from ._store import Store, Usage
+from ._tag_sharing import SharedTag, SharedTags, TagKey
 from ._tasks import BackgroundTasks
 
 __all__ = [
     "Accept",
     "BackgroundTasks",
+    "BlobBody",
     "BlobHead",
     "BlobRead",
     "BlobService",
+    "BlobSource",
     "CacheKeeper",
     "CachedManifest",
     "Claim",
@@ -53,15 +57,19 @@ __all__ = [
     "FileRange",
     "Finding",
     "INDEX_MEDIA_TYPE",
+    "LeaseFiles",
     "ListingCache",
     "ManifestService",
     "Owners",
     "RetryPolicy",
     "ScrubReport",
+    "SharedTag",
+    "SharedTags",
     "SizeBound",
     "Store",
     "Subscriber",
     "TAGS_CONTENT_TYPE",
+    "TagKey",
     "Usage",
     "cache_read_failed",
     "collect_garbage",

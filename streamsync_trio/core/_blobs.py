@@ -15,11 +15,20 @@ here, and only here:
   in another worker) or a ``miss`` (it started the download).  Counted only once the
   response is really going out (:meth:`BlobService.admit`), so a refused request counts as
   nothing.
+
+Small stored blobs (image configs: a few KiB, asked for by every client of a pull) are also
+kept in memory for a few seconds (:class:`SmallBlobs`), so the edge can answer them without
+a subscriber, a file read or a worker thread (:meth:`BlobService.hot`).  The same three
+decisions hold there: only a blob linked to the repository, stored, and checked by this
+process (``DownloadRegistry.trusted``) is answered, and it counts as a ``hit``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -36,6 +45,7 @@ from ._negative import remembering
 from ._registry import DownloadRegistry
 from ._retry import RetryPolicy
 from ._store import Store
+from ._trusted import Identity, file_identity
 
 log = logging.getLogger("streamsync_trio.blobs")
 
@@ -74,6 +84,72 @@ class BlobRead:
     known: bool
 
 
+@dataclass(slots=True)
+class _SmallEntry:
+    data: bytes
+    identity: Identity
+    until: float
+
+
+class SmallBlobs:
+    """Small stored blobs in memory, for ``fresh_for`` seconds after their file was read.
+
+    An entry is used only while the file at the blob's path is still the file read (same
+    device, inode and size: one ``stat``) and this process still trusts that file (checked
+    on a first serve, ``_trusted``).  A blob evicted, quarantined or replaced is never
+    answered from here.  After ``fresh_for`` the next request opens the file again through
+    the store, which marks its last use: the clock eviction goes by, which therefore lags a
+    hot small blob's use by at most ``fresh_for``.  Bounded by ``max_bytes``; least recently
+    used first out.
+    """
+
+    LARGEST = 64 * 1024  # a blob larger than this is streamed, never kept here
+
+    def __init__(
+        self,
+        *,
+        max_bytes: int = 16 * 1024 * 1024,
+        fresh_for: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._max_bytes = max_bytes
+        self._fresh_for = fresh_for
+        self._clock = clock
+        self._entries: OrderedDict[Digest, _SmallEntry] = OrderedDict()
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, digest: Digest, identity: Identity) -> bytes | None:
+        entry = self._entries.get(digest)
+        if entry is None:
+            return None
+        if entry.identity != identity or self._clock() >= entry.until:
+            self.drop(digest)
+            return None
+        self._entries.move_to_end(digest)
+        return entry.data
+
+    def put(self, digest: Digest, data: bytes, identity: Identity) -> None:
+        self.drop(digest)
+        self._entries[digest] = _SmallEntry(data, identity, self._clock() + self._fresh_for)
+        self.bytes += len(data)
+        while self.bytes > self._max_bytes:
+            self.drop(next(iter(self._entries)))
+
+    def drop(self, digest: Digest) -> None:
+        entry = self._entries.pop(digest, None)
+        if entry is not None:
+            self.bytes -= len(entry.data)
+
+
+def _read_exactly(fd: int, size: int) -> bytes | None:
+    """The ``size`` bytes of the open file, or None when it has fewer (in a worker thread)."""
+    data = os.pread(fd, size + 1, 0)
+    return data if len(data) == size else None
+
+
 @dataclass
 class BlobService:
     """Blob reads for the proxy: scoping, the choice of source, the hit/join/miss counts.
@@ -86,6 +162,42 @@ class BlobService:
     downloads: DownloadRegistry
     max_blob_size: int | None = None
     requests: dict[Result, int] = field(default_factory=lambda: {"hit": 0, "join": 0, "miss": 0})
+    small: SmallBlobs = field(default_factory=SmallBlobs)
+
+    async def hot(self, upstream: Upstream, repo: str, digest: Digest) -> bytes | None:
+        """The whole of a small stored blob, when :meth:`open` would serve it from the store
+        with no question asked (linked to ``repo``, stored, trusted); None: ask :meth:`open`.
+
+        From memory when it is there and still the file on disk (one ``stat``); otherwise
+        read, as :meth:`open` would, through the store (last use marked, held while read) in
+        a worker thread, and kept.  Counts nothing (the caller counts the GET as a hit, as
+        :meth:`admit` would)."""
+        if not self.store.is_linked(upstream.name, repo, digest):
+            return None
+        try:
+            identity = file_identity(os.stat(self.store.blob_path(digest)))
+        except OSError:
+            return None
+        if identity[2] > SmallBlobs.LARGEST or not self.downloads.trusted.trusts(digest, identity):
+            return None
+        data = self.small.get(digest, identity)
+        if data is not None:
+            return data
+        fd = self.store.open_blob(digest)
+        if fd is None:
+            return None
+        try:
+            if file_identity(os.fstat(fd)) != identity:
+                return None  # replaced between the stat and the open: let open() judge
+            data = await trio.to_thread.run_sync(_read_exactly, fd, identity[2])
+        except OSError:
+            return None  # open() meets the same problem and reports it
+        finally:
+            os.close(fd)
+            self.store.release(digest)
+        if data is not None:
+            self.small.put(digest, data, identity)
+        return data
 
     async def open(
         self,
@@ -95,14 +207,17 @@ class BlobService:
         *,
         head: bool = False,
         on_source: Callable[[Source], None] = _ignore,
+        forwardable: bool = True,
     ) -> BlobRead | BlobHead:
         """The blob ``digest`` of ``repo`` at ``upstream``: a read of it, or for a ``head``
         of a blob not stored, only its size.
 
         ``on_source`` is told where the bytes come from as soon as that is decided (maybe
         more than once, the last word counts), so that a request failing later is still
-        logged with it.  Raises :class:`RegistryError` (the upstream's 404 or 401, a size
-        refused, a cache that cannot be read).
+        logged with it.  ``forwardable`` is False for a request from another node of a
+        cluster (a download it starts never reads from a third node).  Raises
+        :class:`RegistryError` (the upstream's 404 or 401, a size refused, a cache that
+        cannot be read).
         """
         known = await self._scope(upstream, repo, digest)
         # From here to the subscription there is no checkpoint (see the module's opening).
@@ -117,7 +232,7 @@ class BlobService:
             return BlobRead(stored, "cache", "hit", upstream.name, repo, digest, known)
         if head:
             return BlobHead(await self._head_size(upstream, repo, digest, on_source))
-        return await self._subscribe(upstream, repo, digest, known, on_source)
+        return await self._subscribe(upstream, repo, digest, known, on_source, forwardable)
 
     async def admit(self, read: BlobRead, *, count: bool) -> None:
         """The response for ``read`` is going out (the upstream answered, the request is
@@ -178,6 +293,7 @@ class BlobService:
         digest: Digest,
         known: bool,
         on_source: Callable[[Source], None],
+        forwardable: bool = True,
     ) -> BlobRead:
         """Join the download of ``digest``, or start it as this repository (then the
         upstream's answer is the confirmation)."""
@@ -190,6 +306,7 @@ class BlobService:
             origin=(upstream.name, repo),
             group=upstream.name,
             bound=self.bound(upstream, repo, digest),
+            forwardable=forwardable,  # False: a cluster peer asks (see Claim.source)
         )
         download = subscriber.download
         source: Source = "stream"

@@ -17,7 +17,10 @@ machine share the cache directory but not that dict, so the question goes to the
 * A follower (:class:`LeaseFollower`) keeps the lease open and tails the partial.  The kernel
   drops the owner's lock when the owner lets go, normally or by dying (even ``kill -9``), so
   "can I lock it now" is an exact "has the owner ended" test.  The owner ended well only if
-  the blob is in the store as the very inode the follower was reading.
+  the blob is in the store as the very inode the follower was reading, or if it verified the
+  blob and did not keep it (cluster ``placement = "shard"``): then it marked the partial
+  (:func:`mark_passed_through`) before removing it, a mark on the inode itself that the
+  follower reads through its held descriptor after the name is gone.
 
 ``flock`` locks belong to open file descriptions, so two opens in one process conflict just
 like two processes do: the tests exercise this with two registries in one process.
@@ -28,6 +31,7 @@ from __future__ import annotations
 import fcntl
 import os
 import secrets
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -38,7 +42,7 @@ from .._errors import RegistryError
 from .._reference import Digest
 
 if TYPE_CHECKING:
-    from ._downloads import Download
+    from ._downloads import BlobSource, Download
 
 
 class CacheDirs(Protocol):
@@ -53,6 +57,7 @@ class CacheDirs(Protocol):
     def partial_dir(self) -> Path: ...
 
     def blob_path(self, digest: Digest) -> Path: ...
+
 
 # A stale lease (its owner died) is taken over; should an unlucky sequence of owners keep
 # finishing exactly between our steps, we give up rather than spin.
@@ -69,6 +74,14 @@ class Owned:
     fd: int  # the lease, locked exclusively
     lease: Path
     partial: Path
+
+    def source(self, upstream: BlobSource, download: Download, *, forwardable: bool) -> BlobSource:
+        """One machine has one way to the blob: the upstream."""
+        return upstream
+
+    async def keeps(self, download: Download) -> bool:
+        """One machine keeps every blob it fetched."""
+        return True
 
     def publish_size(self, size: int) -> None:
         path = _size_path(self.lease, self.partial)
@@ -206,13 +219,15 @@ class LeaseFollower:
     def open_reader(self) -> int:
         return os.dup(self._hold)
 
-    async def follow(self, download: Download) -> None:
-        """Tail the owner's partial until the owner lets go.
+    async def follow(self, download: Download) -> bool:
+        """Tail the owner's partial until the owner lets go; True when it committed the
+        blob, False when it verified it and did not keep it.
 
         Polling, because neither a lock release nor a file growing in another process can be
         awaited in trio; every ``FOLLOW_INTERVAL`` costs three system calls.  The owner ended
-        well only if the stored blob is the very file we have been reading: then every byte
-        we served was verified by the owner, and the held-back last bytes may go.
+        well only if the stored blob is the very file we have been reading, or if that file
+        carries the owner's pass-through mark: then every byte we served was verified by the
+        owner, and the held-back last bytes may go.
         """
         lease, hold = self._lease, self._hold
         while True:
@@ -230,7 +245,8 @@ class LeaseFollower:
             if ended:
                 break
             await trio.sleep(FOLLOW_INTERVAL)
-        if not is_same_file(hold, self._stored):
+        kept = is_same_file(hold, self._stored)
+        if not kept and not passed_through(hold):
             raise RegistryError(
                 502,
                 "UNAVAILABLE",
@@ -240,13 +256,38 @@ class LeaseFollower:
         if download.size is None:
             download.set_size(size)
         download.advance(size)
-        download.path = self._stored
+        if kept:
+            download.path = self._stored
+        return kept
 
     def close(self) -> None:
         try:
             os.close(self._hold)
         finally:
             self._lease.close()
+
+
+# The owner's "verified, and not kept" mark on a partial: read-only, with the sticky bit
+# (which Linux ignores on regular files).  The sticky bit is the mark itself: no umask can
+# set it and a partial is created without it, so a partial still in flight, or left by a
+# failed owner, never carries it.
+_PASSED_THROUGH = stat.S_ISVTX
+_WRITE_BITS = 0o222
+
+
+def mark_passed_through(fd: int) -> None:
+    """Mark the verified partial open at ``fd`` as streamed through, before it is removed
+    instead of committed: followers in other processes then end well (see
+    :meth:`LeaseFollower.follow`).  On the inode, not in a file beside it: a follower reads
+    it through its held descriptor after the partial's name is gone, and nothing is left
+    behind to clean up.  Raises ``OSError``."""
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    os.fchmod(fd, (mode & ~_WRITE_BITS) | _PASSED_THROUGH)
+
+
+def passed_through(fd: int) -> bool:
+    """Whether the partial open at ``fd`` carries :func:`mark_passed_through`'s mark."""
+    return bool(os.fstat(fd).st_mode & _PASSED_THROUGH)
 
 
 def remove_abandoned(leases: Path, partials: Path) -> int:

@@ -14,10 +14,16 @@ only then answers.  Policies:
 * If the upstream cannot be reached (or is overloaded) and a tag was cached before, the stale
   answer is served with a warning in the log: a mirror that fails whenever its upstream blips
   is worse than no mirror.
+* Hot manifests are kept in memory (:class:`HotManifests`, bounded by bytes), so the HTTP
+  edge can answer a cached GET or HEAD by digest without a worker thread reading the file
+  (:meth:`ManifestService.hot`); the file on disk stays the authority (see the class).
 * Concurrent requests share upstream fetches: one per digest, one per tag and ``Accept``
   class, and a client with a narrow ``Accept`` first waits for a broad fetch of the same tag
   in flight, whose answer it can often use.  Fetches run in the app nursery, so a
   disconnecting first client does not cancel them for the others.
+* In a fleet (``shared_tags``, see ``_tag_sharing``), a tag is resolved with the fleet before
+  the upstream, and the upstream's answer is shared: N nodes ask the upstream once per tag
+  and ``Accept`` class per ``tag_ttl``.  A shared manifest is checked like an upstream one.
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
@@ -46,12 +54,14 @@ from ._negotiation import (
     schema1_unsupported,
 )
 from ._store import Store, TagRecord
+from ._tag_sharing import SharedTag, SharedTags, TagKey
 
 __all__ = [
     "DEFAULT_ACCEPT",
     "MANIFEST_MEDIA_TYPES",
     "Accept",
     "CachedManifest",
+    "HotManifests",
     "ManifestService",
     "referenced_digests",
 ]
@@ -98,6 +108,124 @@ def referenced_digests(body: bytes) -> list[Digest]:
     return found
 
 
+# (device, inode, size, ctime) of the body file, (device, inode, ctime) of its type file.
+_Identity = tuple[int, int, int, int, int, int, int]
+
+
+def _identity(body_path: str, type_path: str) -> _Identity | None:
+    """What the two files of a stored manifest are now; None when either is gone.
+
+    The change time is in it because every change to a file moves it: a rewrite in place (a
+    damaged disk, an operator), a rename of a new file over it (a new inode anyway), and the
+    last-use mark another worker's read sets (harmless: it only sends the next request here
+    to the file once more)."""
+    try:
+        body = os.stat(body_path)
+        kind = os.stat(type_path)
+    except OSError:
+        return None
+    return (
+        body.st_dev,
+        body.st_ino,
+        body.st_size,
+        body.st_ctime_ns,
+        kind.st_dev,
+        kind.st_ino,
+        kind.st_ctime_ns,
+    )
+
+
+def _read_with_identity(
+    store: Store, digest: Digest
+) -> tuple[tuple[bytes, str], _Identity | None] | None:
+    """``Store.read_manifest`` (verified, last use marked), then what its files are after it.
+    In a worker thread: the read touches the disk."""
+    stored = store.read_manifest(digest)
+    if stored is None:
+        return None
+    paths = str(store.manifest_path(digest)), str(store.manifest_type_path(digest))
+    return stored, _identity(*paths)
+
+
+def _write_with_identity(
+    store: Store, digest: Digest, body: bytes, media_type: str
+) -> _Identity | None:
+    """``Store.write_manifest``, then what its files are after it (in a worker thread)."""
+    store.write_manifest(digest, body, media_type)
+    return _identity(str(store.manifest_path(digest)), str(store.manifest_type_path(digest)))
+
+
+@dataclass(slots=True)
+class _HotEntry:
+    manifest: CachedManifest
+    paths: tuple[str, str]
+    identity: _Identity
+    until: float  # monotonic: after this, the next request reads the file again
+
+
+class HotManifests:
+    """Manifests read from the store lately, kept in memory, bounded by ``max_bytes``.
+
+    Why: a fleet pulling one image asks for the same few manifests thousands of times, and
+    each slow-path read is a worker-thread hop that opens, reads and hashes two files.  The
+    store stays the authority, so an entry is used only while, checked on every use with two
+    ``stat`` calls and no thread:
+
+    * both files are still the very files read (same inode, size and change time): a
+      manifest expired by ``cache gc`` or the eviction pass, quarantined by ``cache verify``,
+      rewritten or damaged in place is not answered from here;
+    * the entry is younger than ``fresh_for`` seconds: then the next request reads the file
+      again through the store, which verifies its digest again and marks its last use (the
+      clock ``cache gc`` expires manifests by; without reads it would stop while in use).
+
+    The bytes served are the ones verified when read, so an entry can never serve content
+    that does not match its digest.  Least recently used entries go first.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_bytes: int = 16 * 1024 * 1024,
+        max_entry: int = 1024 * 1024,
+        fresh_for: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._max_bytes = max_bytes
+        self._max_entry = max_entry
+        self._fresh_for = fresh_for
+        self._clock = clock
+        self._entries: OrderedDict[str, _HotEntry] = OrderedDict()
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, digest: str) -> CachedManifest | None:
+        entry = self._entries.get(digest)
+        if entry is None:
+            return None
+        if self._clock() >= entry.until or _identity(*entry.paths) != entry.identity:
+            self.drop(digest)
+            return None
+        self._entries.move_to_end(digest)
+        return entry.manifest
+
+    def put(self, manifest: CachedManifest, paths: tuple[str, str], identity: _Identity) -> None:
+        if manifest.body is None or manifest.size > self._max_entry:
+            return
+        self.drop(manifest.digest)
+        until = self._clock() + self._fresh_for
+        self._entries[manifest.digest] = _HotEntry(manifest, paths, identity, until)
+        self.bytes += manifest.size
+        while self.bytes > self._max_bytes:
+            self.drop(next(iter(self._entries)))
+
+    def drop(self, digest: str) -> None:
+        entry = self._entries.pop(digest, None)
+        if entry is not None:
+            self.bytes -= entry.manifest.size
+
+
 class _Pending:
     def __init__(self) -> None:
         self.done = trio.Event()
@@ -108,14 +236,48 @@ class _Pending:
 _PendingKey = tuple[str, str, str, str, str]  # (kind, upstream, repo, reference, record key)
 
 
+# (upstream, repo, tag record name) -> (digest, wall-clock end) of answers adopted from the fleet
+_FleetExpiry = dict[tuple[str, str, str], tuple[str, float]]
+_MAX_FLEET_EXPIRY = 10_000
+
+
 class ManifestService:
-    def __init__(self, store: Store, nursery: trio.Nursery) -> None:
+    def __init__(
+        self, store: Store, nursery: trio.Nursery, shared_tags: SharedTags | None = None
+    ) -> None:
         self._store = store
         self._nursery = nursery
+        # None: this node alone resolves its tags (no cluster); else the fleet is asked first.
+        self.shared_tags = shared_tags
+        self._fleet_expiry: _FleetExpiry = {}
         self._pending: dict[_PendingKey, _Pending] = {}
         self.upstream_fetches = 0  # manifest GETs sent upstream: what a pull limit counts
         self.upstream_heads = 0  # manifest HEADs sent upstream (free on Docker Hub)
         self.not_found: NegativeCache[tuple[str, str, str, str]] = NegativeCache()
+        self.hot_manifests = HotManifests()
+
+    def hot(
+        self, upstream: Upstream, repo: str, reference: str, accept: Accept
+    ) -> CachedManifest | None:
+        """The answer :meth:`get` would give, when it is certain without waiting: a manifest
+        by digest, linked to ``repo``, in memory (:class:`HotManifests`), of a type the client
+        accepts.  None means "ask :meth:`get`"; nothing is counted either way.
+
+        Synchronous (two or three ``stat`` calls), for the edge's fast path.  While any 404
+        is remembered it always says None: :meth:`get` may have to answer that 404 from
+        memory (and count it), and only it expires the memory."""
+        if len(self.not_found) or not is_digest_like(reference):
+            return None
+        try:
+            digest = parse_digest(reference)
+        except RegistryError:
+            return None
+        if not self._store.is_linked(upstream.name, repo, digest):
+            return None
+        manifest = self.hot_manifests.get(str(digest))
+        if manifest is None or not accept.admits(manifest.media_type):
+            return None
+        return manifest
 
     async def get(
         self,
@@ -181,13 +343,43 @@ class ManifestService:
             assert stored.body is not None
             await self._link(upstream, repo, digest, stored.body)
             return stored
+        shared = await self._fleet_manifest(upstream, repo, digest, accept)
+        if shared is not None:
+            return shared
         manifest = await self._get_by_digest(upstream, repo, digest, accept.widened())
+        await self._write(digest, manifest)
         assert manifest.body is not None
-        await trio.to_thread.run_sync(
-            self._store.write_manifest, digest, manifest.body, manifest.media_type
-        )
         await self._link(upstream, repo, digest, manifest.body)
+        if self.shared_tags is not None:
+            ttl = upstream.config.tag_ttl
+            await self.shared_tags.share_manifest(str(digest), manifest.body, ttl)
         return manifest
+
+    async def _fleet_manifest(
+        self, upstream: Upstream, repo: str, digest: Digest, accept: Accept
+    ) -> CachedManifest | None:
+        """A manifest another node fetched and shared: a HEAD upstream instead of a GET
+        (Docker Hub counts GETs against its pull limit, not HEADs).  The HEAD also confirms
+        that this repository holds the digest (knowing a digest is not access) and names its
+        media type; the body must hash to the digest.  None: GET it from the upstream."""
+        if self.shared_tags is None:
+            return None
+        body = await self.shared_tags.manifest(str(digest))
+        if body is None:
+            return None
+        self.upstream_heads += 1
+        head = await upstream.head_manifest(repo, str(digest), accept.widened())
+        try:
+            _check_digest(body, digest)
+            media_type = manifest_media_type(body, head.media_type, upstream.name)
+        except RegistryError as error:
+            log.warning("ignoring the fleet's manifest %s: %s", digest, error.message)
+            self.shared_tags.rejected(str(digest), error.message)
+            return None
+        answer = CachedManifest.of(body, media_type, str(digest))
+        await self._write(digest, answer)
+        await self._link(upstream, repo, digest, body)
+        return answer
 
     async def _as_upstream_answers(
         self, upstream: Upstream, repo: str, digest: Digest, accept: Accept, head: bool
@@ -239,14 +431,16 @@ class ManifestService:
         record = await self._read_tag(upstream, repo, tag, "")
         if (
             record is not None
-            and self._is_fresh(upstream, record)
+            and self._is_fresh(upstream, repo, tag, record)
             and accept.admits(record.media_type)
         ):
             return await self._from_record(record)
         if accept.is_broad:
             return None
         record = await self._read_tag(upstream, repo, tag, accept.record_key)
-        if record is not None and self._is_fresh(upstream, record):
+        if record is not None and self._is_fresh(
+            upstream, repo, _record_name(tag, accept.record_key), record
+        ):
             # Made for this very Accept: whatever the upstream answered then (even a type the
             # client did not list: registries send what they have) is the answer now.
             return await self._from_record(record)
@@ -257,6 +451,41 @@ class ManifestService:
     ) -> CachedManifest:
         record = await self._read_tag(upstream, repo, tag, accept.record_key)
         cached = await self._from_record(record) if record is not None else None
+        sharing = self.shared_tags if upstream.config.tag_ttl > 0 else None
+        if sharing is None:
+            return (await self._ask_upstream(upstream, repo, tag, accept, head, cached))[0]
+        key = TagKey(upstream.name, repo, tag, accept.record_key)
+        # A HEAD with nothing cached is answered by a HEAD upstream, which is free: it takes
+        # a fleet's answer if there is one, but does not wait for another node's GET.
+        shared = await sharing.lookup(key, wait=not head or cached is not None)
+        if shared is not None:
+            adopted = await self._adopt(upstream, repo, tag, accept, key, shared)
+            if adopted is not None:
+                await sharing.abandon(key)  # no-op unless the wait ran out and then we won
+                return adopted
+        try:
+            answer, confirmed = await self._ask_upstream(upstream, repo, tag, accept, head, cached)
+        except (RegistryError, OSError):
+            await sharing.abandon(key)
+            raise
+        if confirmed and answer.body is not None:
+            fresh = SharedTag(answer.digest, answer.media_type, answer.body)
+            await sharing.publish(key, fresh, upstream.config.tag_ttl)
+        else:  # stale, or headers only: nothing the fleet may take for the tag's answer
+            await sharing.abandon(key)
+        return answer
+
+    async def _ask_upstream(
+        self,
+        upstream: Upstream,
+        repo: str,
+        tag: str,
+        accept: Accept,
+        head: bool,
+        cached: CachedManifest | None,
+    ) -> tuple[CachedManifest, bool]:
+        """The upstream's answer for this tag now (revalidating ``cached`` with a HEAD), and
+        whether the upstream confirmed it (False: ``cached`` served stale while it fails)."""
         try:
             resolved: ManifestHead | None = None
             if cached is not None or head:
@@ -264,12 +493,12 @@ class ManifestService:
                 resolved = await upstream.head_manifest(repo, tag, accept.header)
                 if cached is not None and resolved.digest == cached.digest:
                     await self._write_tag(upstream, repo, tag, accept, cached)
-                    return cached
+                    return cached, True
             if head and resolved is not None:
                 answer = _head_answer(resolved)
                 if answer is not None:
                     await self._write_tag(upstream, repo, tag, accept, answer)
-                    return answer
+                    return answer, True
             self.upstream_fetches += 1
             manifest = await upstream.get_manifest(repo, tag, accept.header)
         except RegistryError as error:
@@ -281,10 +510,50 @@ class ManifestService:
                     tag,
                     error.message,
                 )
-                return cached
+                return cached, False
             raise
         answer = await self._store_tag_answer(upstream, repo, manifest)
         await self._write_tag(upstream, repo, tag, accept, answer)
+        return answer, True
+
+    async def _adopt(
+        self,
+        upstream: Upstream,
+        repo: str,
+        tag: str,
+        accept: Accept,
+        key: TagKey,
+        shared: SharedTag,
+    ) -> CachedManifest | None:
+        """The fleet's answer, checked exactly like an upstream answer, stored and recorded
+        as this node's; None (counted) when it fails a check: then the upstream is asked.
+
+        The checks are what make a wrong or tampered entry harmless: the body must be a
+        manifest within the size bound and hash to the digest it is shared under."""
+        assert self.shared_tags is not None
+        try:
+            digest = parse_digest(shared.digest)
+            if len(shared.body) > MAX_MANIFEST_BYTES:
+                raise _bad_upstream(upstream, "shared by the fleet is over the size bound")
+            _check_digest(shared.body, digest)
+            media_type = manifest_media_type(shared.body, shared.media_type, upstream.name)
+        except RegistryError as error:
+            log.warning("ignoring the fleet's answer for %s:%s: %s", repo, tag, error.message)
+            self.shared_tags.rejected(key, error.message)
+            return None
+        answer = CachedManifest.of(shared.body, media_type, str(digest))
+        await self._write(digest, answer)
+        await self._link(upstream, repo, digest, shared.body)
+        await self._write_tag(upstream, repo, tag, accept, answer)
+        # Fresh here only as long as at the node that fetched it: tag_ttl bounds staleness.
+        name = _record_name(tag, accept.record_key)
+        if len(self._fleet_expiry) >= _MAX_FLEET_EXPIRY:
+            now = time.time()
+            self._fleet_expiry = {k: v for k, v in self._fleet_expiry.items() if v[1] > now}
+            if len(self._fleet_expiry) >= _MAX_FLEET_EXPIRY:
+                self._fleet_expiry.clear()  # only loosens the bound to tag_ttl after adoption
+        until = time.time() + max(0.0, shared.fresh_for)
+        self._fleet_expiry[(upstream.name, repo, name)] = (answer.digest, until)
         return answer
 
     async def _store_tag_answer(
@@ -298,9 +567,10 @@ class ManifestService:
             digest = Digest("sha256", hashlib.sha256(manifest.body).hexdigest())
         if claimed is not None and claimed != str(digest):
             raise _bad_upstream(upstream, "it does not match its Docker-Content-Digest")
-        await trio.to_thread.run_sync(self._store.write_manifest, digest, manifest.body, media_type)
+        answer = CachedManifest.of(manifest.body, media_type, str(digest))
+        await self._write(digest, answer)
         await self._link(upstream, repo, digest, manifest.body)
-        return CachedManifest.of(manifest.body, media_type, str(digest))
+        return answer
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -343,8 +613,12 @@ class ManifestService:
             del self._pending[key]
             pending.done.set()
 
-    def _is_fresh(self, upstream: Upstream, record: TagRecord) -> bool:
-        return time.time() - record.fetched_at < upstream.config.tag_ttl
+    def _is_fresh(self, upstream: Upstream, repo: str, name: str, record: TagRecord) -> bool:
+        now = time.time()
+        adopted = self._fleet_expiry.get((upstream.name, repo, name))
+        if adopted is not None and adopted[0] == record.digest and now >= adopted[1]:
+            return False  # taken from the fleet: as old as where it was fetched
+        return now - record.fetched_at < upstream.config.tag_ttl
 
     async def _read_tag(
         self, upstream: Upstream, repo: str, tag: str, record_key: str
@@ -356,6 +630,8 @@ class ManifestService:
     async def _write_tag(
         self, upstream: Upstream, repo: str, tag: str, accept: Accept, answer: CachedManifest
     ) -> None:
+        # Written now, so fresh for tag_ttl from now (``_adopt`` narrows it again after).
+        self._fleet_expiry.pop((upstream.name, repo, _record_name(tag, accept.record_key)), None)
         await trio.to_thread.run_sync(
             self._store.write_tag,
             upstream.name,
@@ -375,9 +651,29 @@ class ManifestService:
         return None
 
     async def _stored(self, digest_text: str) -> CachedManifest | None:
+        """The stored manifest, read (and verified) through the store; kept in memory too."""
         digest = parse_digest(digest_text)
-        stored = await trio.to_thread.run_sync(self._store.read_manifest, digest)
-        return None if stored is None else CachedManifest.of(stored[0], stored[1], digest_text)
+        read = await trio.to_thread.run_sync(_read_with_identity, self._store, digest)
+        if read is None:
+            self.hot_manifests.drop(digest_text)
+            return None
+        (body, media_type), identity = read
+        manifest = CachedManifest.of(body, media_type, digest_text)
+        self._keep(digest, manifest, identity)
+        return manifest
+
+    async def _write(self, digest: Digest, manifest: CachedManifest) -> None:
+        """Store a verified manifest; kept in memory too, as the files just written."""
+        assert manifest.body is not None
+        identity = await trio.to_thread.run_sync(
+            _write_with_identity, self._store, digest, manifest.body, manifest.media_type
+        )
+        self._keep(digest, manifest, identity)
+
+    def _keep(self, digest: Digest, manifest: CachedManifest, identity: _Identity | None) -> None:
+        if identity is not None:
+            paths = self._store.manifest_path(digest), self._store.manifest_type_path(digest)
+            self.hot_manifests.put(manifest, (str(paths[0]), str(paths[1])), identity)
 
     async def _link(self, upstream: Upstream, repo: str, digest: Digest, body: bytes) -> None:
         """Record that ``repo`` contains this manifest and everything it references."""

@@ -6,8 +6,9 @@ in flight here".  When it is not, the registry asks an :class:`Owners` implement
 gets one of two answers:
 
 * a :class:`Claim`: this process owns the download.  The registry's producer writes the
-  claim's ``partial`` file, publishes the size through the claim as soon as it is known, and
-  releases the claim last, after the partial was committed or removed.
+  claim's ``partial`` file from the source the claim chooses (:meth:`Claim.source`),
+  publishes the size through the claim as soon as it is known, commits the verified partial
+  if the claim keeps it (:meth:`Claim.keeps`) or removes it, and releases the claim last.
 * an :class:`Elsewhere`: another owner has it.  The registry registers a
   :class:`~._downloads.Download` marked ``followed``, whose subscribers read the owner's
   bytes through :meth:`Elsewhere.open_reader`, and runs :meth:`Elsewhere.follow`, which
@@ -20,9 +21,12 @@ The answers today (design.md §8):
 2. Another process on this machine: the lease files in the cache directory
    (:class:`~._lease.LeaseFiles`, the default), ``flock`` held by the owner, its partial
    tailed from a held descriptor.
-3. Cluster mode (another machine) is a third implementation of this same interface: a
-   Redis lease per digest decides the owner, and its :class:`Elsewhere` streams the owner
-   node's bytes over HTTP into a local file.  The registry does not change.
+3. Another machine (cluster mode, ``streamsync_trio.cluster``): wraps the lease files.  A
+   local :class:`Claim` chooses its bytes' source per attempt: a Redis lease per digest
+   decides which node fetches from the upstream, and the others read that node's bytes
+   over HTTP into a download of their own (so their clients join it as usual).  With
+   ``placement = "shard"`` a node keeps only the digests it is the home of
+   (:meth:`Claim.keeps`); the others it streams through to their clients.
 
 What the registry relies on, whatever the implementation:
 
@@ -32,10 +36,12 @@ What the registry relies on, whatever the implementation:
 * ``None`` from :meth:`Owners.claim` means an owner elsewhere ended while we looked (no
   checkpoint since): its blob is in the store if it committed; the registry looks there,
   then claims again.
-* When :meth:`Elsewhere.follow` returns, the owner committed and ``download.path`` is the
-  stored blob that holds exactly the bytes the subscribers read; the registry then marks the
-  download verified in the same step.  Any other end raises ``RegistryError`` (or
-  ``OSError``, for local disk trouble).  Correctness never rests on the owners: a wrong
+* When :meth:`Elsewhere.follow` returns, the owner verified the bytes the subscribers read,
+  and the registry marks the download verified in the same step.  It returns True when the
+  owner committed them (``download.path`` is the stored blob, the very file read), False when
+  the owner did not keep them (:meth:`Claim.keeps`: the subscribers' descriptors hold the
+  only copy, and nothing is stored).  Any other end raises ``RegistryError`` (or ``OSError``,
+  for local disk trouble).  Correctness never rests on the owners: a wrong
   answer can only cost duplicate upstream bytes, since every blob is verified by digest and
   committed by atomic rename.
 """
@@ -48,7 +54,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from .._reference import Digest
 
 if TYPE_CHECKING:
-    from ._downloads import Download
+    from ._downloads import BlobSource, Download
 
 
 class Claim(Protocol):
@@ -59,8 +65,28 @@ class Claim(Protocol):
         """The file the producer writes (created, empty, by the claim)."""
         ...
 
+    def source(self, upstream: BlobSource, download: Download, *, forwardable: bool) -> BlobSource:
+        """Where the producer reads the blob's bytes: ``upstream`` (one machine), or a source
+        that re-decides on every attempt (cluster mode: the node that owns the download, or
+        the upstream under a lease).  The producer calls the source once per attempt, so a
+        resume may read from somewhere else than the attempt before it.
+
+        ``forwardable`` is False when the request came from another node: its bytes then
+        never come from a third node (one hop, no loops).
+        """
+        ...
+
     def publish_size(self, size: int) -> None:
         """Tell followers elsewhere the blob's size.  May raise ``OSError``."""
+        ...
+
+    async def keeps(self, download: Download) -> bool:
+        """Asked once the download is verified, before the commit: whether this node keeps
+        the blob (True: committed into the store) or only streamed it through to the
+        subscribers that joined (False: the partial is removed; they read on from their
+        descriptors).  One machine always keeps; cluster mode with ``placement = "shard"``
+        keeps only the digests this node is the home of.  Never raises.
+        """
         ...
 
     def abandon(self) -> None:
@@ -88,10 +114,12 @@ class Elsewhere(Protocol):
         even if the owner renames or removes its file meanwhile."""
         ...
 
-    async def follow(self, download: Download) -> None:
-        """Mirror the owner's progress into ``download`` until the owner ends; on return
-        ``download.path`` is the committed blob.  Raises ``RegistryError`` when the owner
-        failed, ``OSError`` when its bytes cannot be read here."""
+    async def follow(self, download: Download) -> bool:
+        """Mirror the owner's progress into ``download`` until the owner ends with verified
+        bytes: True when it committed them (``download.path`` is now the stored blob), False
+        when it did not keep them (reads go on through :meth:`open_reader`'s descriptors).
+        Raises ``RegistryError`` when the owner failed, ``OSError`` when its bytes cannot be
+        read here."""
         ...
 
     def close(self) -> None:

@@ -17,6 +17,7 @@ import trio
 from quart_trio import QuartTrio
 
 from .._config import Config
+from ..cluster import Cluster
 from ..core import (
     BackgroundTasks,
     BlobService,
@@ -27,6 +28,7 @@ from ..core import (
     Usage,
 )
 from ..upstream import Upstream
+from ._cluster import cluster_owners, cluster_tags, start_cluster, stop_cluster
 from ._metrics import render_own
 from ._peers import publish_periodically, withdraw
 from ._state import STATE_KEY, TASKS_KEY, ProxyState, proxy_state
@@ -44,7 +46,8 @@ def install_lifecycle(
         store, usage = await _open_store(config)
         tasks = BackgroundTasks(app.nursery)
         app.extensions[TASKS_KEY] = tasks
-        state = _build_state(app.nursery, tasks, config, store, transport)
+        cluster = await start_cluster(app.nursery, config, tasks)  # None without [cluster]
+        state = _build_state(app.nursery, tasks, config, store, transport, cluster)
         app.extensions[STATE_KEY] = state
         state.peers_dir.mkdir(exist_ok=True)
         tasks.start("listing expiry", state.passthrough_cache.expire_periodically)
@@ -65,6 +68,7 @@ def install_lifecycle(
     async def stop() -> None:
         state = proxy_state(app)
         withdraw(state.peers_dir)
+        await stop_cluster(state.cluster)
         for upstream in state.upstreams.values():
             await upstream.aclose()
 
@@ -87,6 +91,7 @@ def _build_state(
     config: Config,
     store: Store,
     transport: httpx.AsyncBaseTransport | None,
+    cluster: Cluster | None = None,
 ) -> ProxyState:
     """The downloads, with the eviction that keeps the cache under its cap if it has one."""
     keeper: CacheKeeper | None = None
@@ -106,6 +111,7 @@ def _build_state(
         nursery,
         chunk_size=config.chunk_size,
         on_commit=(lambda _: keeper.blob_committed()) if keeper is not None else None,
+        owners=cluster_owners(cluster, store, nursery),  # None: this machine's lease files
     )
     if keeper is not None:
         keeper.blob_committed()  # the cap may have shrunk since the last run
@@ -114,7 +120,8 @@ def _build_state(
         store=store,
         downloads=downloads,
         blobs=BlobService(store, downloads, max_blob_size=config.max_blob_size),
-        manifests=ManifestService(store, nursery),
+        manifests=ManifestService(store, nursery, cluster_tags(cluster)),  # None: alone
         upstreams={u.name: Upstream(u, transport=transport) for u in config.upstreams},
         started_at=time.time(),
+        cluster=cluster,
     )

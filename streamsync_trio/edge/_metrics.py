@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from ..upstream import LATENCY_BUCKETS
+from ._cluster import cluster_metrics, shared_tag_metrics
 
 if TYPE_CHECKING:
     from ._state import ProxyState
@@ -42,6 +43,15 @@ class ProxyCollector(Collector):
         yield from _downloads(state)
         yield _dedupe_ratio(state)
         yield from _upstreams(state)
+        yield from cluster_metrics(state.cluster)  # nothing without [cluster]
+        if state.cluster is not None:
+            yield CounterMetricFamily(
+                "streamsync_cluster_streamed_through",
+                "Verified blobs streamed through to clients and not kept (shard placement: "
+                "this node is not their home)",
+                value=state.cluster.stats.streamed_through,
+            )
+        yield from shared_tag_metrics(state.manifests.shared_tags)  # nor this
         usage = state.store.usage()
         yield GaugeMetricFamily("streamsync_cache_blobs", "Blobs in the cache", value=usage.blobs)
         yield GaugeMetricFamily(

@@ -8,6 +8,7 @@ import json
 import trio
 from quart import Quart, Response
 
+from ._cluster import refresh_members
 from ._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ._metrics import render as render_metrics
 from ._peers import read_others
@@ -48,11 +49,13 @@ def add_service_routes(app: Quart) -> None:
 
     @app.route("/_status")
     async def status_page() -> Response:
+        await refresh_members(proxy_state(app).cluster)
         page = render_status_page(status_snapshot(proxy_state(app)))
         return Response(page, headers={"Content-Type": "text/html; charset=utf-8"})
 
     @app.route("/_status.json")
     async def status_json() -> Response:
+        await refresh_members(proxy_state(app).cluster)
         return _json(json.dumps(status_snapshot(proxy_state(app))))
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from quart import Quart
 
 from .._config import Config
+from ..cluster import Cluster
 from ..core import (
     BackgroundTasks,
     BlobService,
@@ -83,6 +84,7 @@ class ProxyState:
     passthrough_cache: ListingCache[tuple[str, str], Sequence[Any]] = field(
         default_factory=ListingCache
     )
+    cluster: Cluster | None = None  # [cluster]: this node's part in it (F, issue 13)
 
     @property
     def peers_dir(self) -> Path:

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from ._cluster import cluster_status, download_owner
+
 if TYPE_CHECKING:
     from ._state import ProxyState
 
@@ -30,6 +32,7 @@ def status_snapshot(state: ProxyState) -> dict[str, Any]:
                 "subscribers": download.subscriber_count,
                 "resumes": download.resumes,
                 "elapsed_seconds": elapsed,
+                **download_owner(state.cluster, download),  # owner, source: cluster mode only
             }
         )
     traffic = state.traffic
@@ -57,13 +60,18 @@ def status_snapshot(state: ProxyState) -> dict[str, Any]:
             {"name": name, "url": upstream.config.url, "default": upstream.config.default}
             for name, upstream in state.upstreams.items()
         ],
+        "cluster": cluster_status(state.cluster),  # None without [cluster]
     }
 
 
 def render_status_page(snapshot: dict[str, Any]) -> str:
     """The live status page: rendered server-side (so it shows at once, even without
     JavaScript), then refreshed from ``/_status.json`` every second."""
-    return _PAGE.replace("__ROWS__", _rows(snapshot)).replace("__SUMMARY__", _summary(snapshot))
+    return (
+        _PAGE.replace("__ROWS__", _rows(snapshot))
+        .replace("__SUMMARY__", _summary(snapshot))
+        .replace("__CLUSTER__", _cluster(snapshot))
+    )
 
 
 def _human(size: float | None) -> str:
@@ -110,6 +118,39 @@ def _summary(snapshot: dict[str, Any]) -> str:
     )
 
 
+def _cluster(snapshot: dict[str, Any]) -> str:
+    """Cluster mode's part of the page: this node, Redis, every member and whether it is
+    live, and which node owns each download in flight.  Empty without ``[cluster]``.  The
+    script in the page builds the same markup from ``/_status.json`` (keep the two alike)."""
+    cluster = snapshot["cluster"]
+    if cluster is None:
+        return ""
+    redis = "ok" if cluster["redis_error"] is None else f"error: {cluster['redis_error']}"
+    rtt = cluster["redis_rtt_seconds"]
+    members = "".join(
+        f"<tr><td>{html.escape(m['url'])}{' (this node)' if m['self'] else ''}</td>"
+        f'<td class="{"live" if m["live"] else "dead"}">{"live" if m["live"] else "gone"}</td></tr>'
+        for m in cluster["members"]
+    )
+    owners = "".join(
+        f'<tr><td class="digest">{html.escape(d["digest"][:19])}…</td>'
+        f"<td>{html.escape(str(d.get('owner') or '?'))}</td>"
+        f"<td>{html.escape(str(d.get('source') or '—'))}</td></tr>"
+        for d in snapshot["downloads"]
+    )
+    return (
+        f"<h2>cluster</h2><p>this node <b>{html.escape(cluster['node_url'])}</b> · "
+        f"placement <b>{html.escape(cluster['placement'])}</b> · "
+        f"heartbeat <b>{'alive' if cluster['alive'] else 'failing'}</b> · "
+        f"Redis <b>{html.escape(redis)}</b>"
+        f"{'' if rtt is None else f' ({1000 * rtt:.1f} ms)'}</p>"
+        f"<table><thead><tr><th>member</th><th>heartbeat</th></tr></thead>"
+        f"<tbody>{members}</tbody></table>"
+        f"<table><thead><tr><th>download</th><th>owner</th><th>bytes from</th></tr></thead>"
+        f"<tbody>{owners}</tbody></table>"
+    )
+
+
 _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>streamsync-trio status</title>
 <style>
@@ -120,6 +161,7 @@ _PAGE = """<!doctype html>
         border-radius: 3px; margin-right: 8px; vertical-align: middle; overflow: hidden; }
  .fill { height: 100%; background: #1e88e5; }
  .digest { font-family: monospace; } .idle { color: #888; }
+ h2 { font-size: 16px; margin-top: 2em; } .live { color: #2e7d32; } .dead { color: #c62828; }
 </style></head>
 <body>
 <h1>streamsync-trio</h1>
@@ -127,11 +169,29 @@ _PAGE = """<!doctype html>
 <table><thead><tr><th>upstream</th><th>repository</th><th>digest</th><th>progress</th>
 <th>rate</th><th>clients</th><th>resumes</th></tr></thead>
 <tbody id="downloads">__ROWS__</tbody></table>
+<div id="cluster">__CLUSTER__</div>
 <script>
 const human = (n) => { if (n === null) return "?"; const u = ["B","KiB","MiB","GiB"];
   let i = 0; while (n >= 1024 && i < 3) { n /= 1024; i++; }
   return i ? n.toFixed(1) + " " + u[i] : n + " B"; };
 const esc = (s) => String(s).replace(/[&<>"']/g, (c) => "&#" + c.charCodeAt(0) + ";");
+function cluster(s) {
+  const c = s.cluster; if (!c) return "";
+  const redis = c.redis_error === null ? "ok" : "error: " + c.redis_error;
+  const ms = c.redis_rtt_seconds === null ? null : (1000 * c.redis_rtt_seconds).toFixed(1);
+  const rtt = ms === null ? "" : ` (${ms} ms)`;
+  const members = c.members.map((m) => `<tr><td>${esc(m.url)}${m.self ? " (this node)" : ""}</td>
+    <td class="${m.live ? "live" : "dead"}">${m.live ? "live" : "gone"}</td></tr>`).join("");
+  const owners = s.downloads.map((d) => `<tr><td class="digest">${esc(d.digest.slice(0, 19))}…</td>
+    <td>${esc(d.owner || "?")}</td><td>${esc(d.source || "—")}</td></tr>`).join("");
+  return `<h2>cluster</h2><p>this node <b>${esc(c.node_url)}</b>` +
+    ` · placement <b>${esc(c.placement)}</b>` +
+    ` · heartbeat <b>${c.alive ? "alive" : "failing"}</b> · Redis <b>${esc(redis)}</b>${rtt}</p>` +
+    `<table><thead><tr><th>member</th><th>heartbeat</th></tr></thead>` +
+    `<tbody>${members}</tbody></table>` +
+    `<table><thead><tr><th>download</th><th>owner</th><th>bytes from</th></tr></thead>` +
+    `<tbody>${owners}</tbody></table>`;
+}
 async function refresh() {
   try {
     const s = await (await fetch("_status.json", {cache: "no-store"})).json();
@@ -150,6 +210,7 @@ async function refresh() {
       `<b>${c.blobs}</b> blobs, <b>${human(c.bytes)}</b> cached · hit rate <b>${hits}</b>` +
       ` · served per upstream byte <b>${ratio}</b>` +
       ` · <b>${s.downloads.length}</b> downloads in flight`;
+    document.getElementById("cluster").innerHTML = cluster(s);
   } catch (e) { /* the next tick tries again */ }
 }
 setInterval(refresh, 1000);

@@ -20,7 +20,7 @@ import trio
 
 from streamsync_trio import RegistryError
 from streamsync_trio._reference import Digest, parse_digest
-from streamsync_trio.core._downloads import Download
+from streamsync_trio.core._downloads import BlobSource, Download
 from streamsync_trio.core._registry import DownloadRegistry
 from streamsync_trio.core._retry import RetryPolicy
 from streamsync_trio.core._store import Store
@@ -41,9 +41,17 @@ class MemoryClaim:
     partial: Path
     sizes: list[int] = field(default_factory=list)
     state: str = "held"
+    forwardable: list[bool] = field(default_factory=list)
+
+    def source(self, upstream: BlobSource, download: Download, *, forwardable: bool) -> BlobSource:
+        self.forwardable.append(forwardable)
+        return upstream
 
     def publish_size(self, size: int) -> None:
         self.sizes.append(size)
+
+    async def keeps(self, download: Download) -> bool:
+        return True
 
     def abandon(self) -> None:
         self.partial.unlink(missing_ok=True)
@@ -75,7 +83,7 @@ class ScriptedOwner:
     def open_reader(self) -> int:
         return os.dup(self._hold)
 
-    async def follow(self, download: Download) -> None:
+    async def follow(self, download: Download) -> bool:
         download.set_size(len(self._data))
         for offset in range(0, len(self._data), PIECE):
             if self.fail_at is not None and offset >= self.fail_at:
@@ -87,6 +95,7 @@ class ScriptedOwner:
             await trio.sleep(0.01)
         await self.commit.wait()
         download.path = self._store.commit_blob(self._file, download.digest)
+        return True
 
     def close(self) -> None:
         os.close(self._hold)
@@ -198,5 +207,6 @@ async def test_an_owner_elsewhere_that_fails_ends_the_bodies_short_and_the_next_
     assert asked == [0]
     [claim] = owners.claims
     assert (claim.sizes, claim.state) == ([MiB], "released")
+    assert claim.forwardable == [True]  # a client's request, through the claim's source
     assert not claim.partial.exists() and store.blob_path(digest).read_bytes() == data
     assert no_leases(store)
