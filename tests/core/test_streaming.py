@@ -9,7 +9,9 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import trio
@@ -17,6 +19,7 @@ import trio.testing
 
 from streamsync_trio import RegistryError
 from streamsync_trio._reference import Digest, parse_digest
+from streamsync_trio.core import _producer
 
 from ..labs.corelab import (
     STALL_TIMEOUT,
@@ -333,6 +336,51 @@ async def test_disk_error_fails_the_download_cleanly(
         await trio.testing.wait_all_tasks_blocked()
         assert_clean(lab)
         assert (await drain(lab.subscribe(digest))).data == data
+
+
+async def test_hashing_runs_beside_the_writes_and_ends_before_the_last_byte(
+    tmp_path: Path, autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch is hashed in a thread of its own while it is written (issue 11): with the hash
+    stuck, bytes are still written and streamed, but the last byte waits for every hash."""
+    data = blob(1 * MiB)
+    gate = threading.Event()
+
+    class GatedHash:
+        def __init__(self, algorithm: str) -> None:
+            self._real = hashlib.new(algorithm)
+
+        def update(self, data: bytes) -> None:
+            gate.wait(5)  # real seconds: only ever reached when the test fails
+            self._real.update(data)
+
+        def hexdigest(self) -> str:
+            return self._real.hexdigest()
+
+    monkeypatch.setattr(_producer, "hashlib", SimpleNamespace(new=GatedHash))
+    try:
+        async with open_lab(tmp_path) as lab:
+            digest = lab.fake.add_blob(data)
+            subscriber = lab.subscribe(digest)
+            download = subscriber.download
+            results: list[Outcome] = []
+
+            async def client() -> None:
+                results.append(await drain(subscriber))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client)
+                with trio.fail_after(STALL_TIMEOUT / 2):
+                    while download.available == 0:
+                        await trio.sleep(0.01)
+                await trio.sleep(1)  # the whole body has arrived by now
+                # Written while its hash has not finished: not verified, nothing released.
+                assert 0 < download.available < len(data)
+                assert not download.verified and not results
+                gate.set()
+            assert results[0].error is None and results[0].data == data
+    finally:
+        gate.set()
 
 
 async def test_shutdown_cancels_producers_and_removes_partials(
