@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from streamsync_trio import create_app
 from streamsync_trio._config import ClusterConfig, Config
+from streamsync_trio._reference import parse_digest
 from streamsync_trio.edge._state import ProxyState
 
 from ..labs.fakes import FakeRegistry, make_config
@@ -116,10 +117,12 @@ async def cluster_of(
     monkeypatch: pytest.MonkeyPatch,
     count: int = 2,
     lists: Sequence[Sequence[int]] | None = None,
+    upstream: dict[str, object] | None = None,
     **cluster: object,
 ) -> AsyncIterator[list[Node]]:
     """``count`` nodes of one cluster, all serving; stopped cleanly at the end.  ``lists``:
-    the members each node lists, by index (default: every node lists all)."""
+    the members each node lists, by index (default: every node lists all); ``upstream``:
+    settings of the upstream, the same on every node (``tag_ttl``, say)."""
     monkeypatch.setenv(SECRET_ENV, "a test secret shared by the nodes")
     ports = [free_port() for _ in range(count)]
     members = tuple(f"http://127.0.0.1:{port}" for port in ports)
@@ -133,10 +136,26 @@ async def cluster_of(
                 members=members if lists is None else tuple(members[i] for i in lists[index]),
                 **cluster,  # type: ignore[arg-type]
             )
-            config = replace(make_config(tmp_path / f"node{index}"), cluster=settings)
+            config = make_config(tmp_path / f"node{index}", **(upstream or {}))
+            config = replace(config, cluster=settings)
             nodes.append(await nursery.start(_run, config, fake, port))
         try:
             yield nodes
         finally:
             for node in nodes:
                 node.shutdown.set()
+
+
+def stored(node: Node, digest: str) -> bytes | None:
+    path = node.state.store.blob_path(parse_digest(digest))
+    return path.read_bytes() if path.exists() else None
+
+
+async def settled(node: Node, digest: str) -> bytes | None:
+    """What ``node`` holds of ``digest`` once its download has ended.  A client has its last
+    byte before the commit (the fsync is off its path), so a response the client finished may
+    still be committing, or dropping its partial, on the node."""
+    with trio.fail_after(10):
+        while node.state.downloads.get(parse_digest(digest)) is not None:
+            await trio.sleep(0.01)
+    return stored(node, digest)

@@ -17,13 +17,12 @@ import httpx
 import pytest
 import trio
 
-from streamsync_trio._reference import parse_digest
 from streamsync_trio.cluster import RedisLeases, connect, heartbeat_key, home, peer_path, sign
 
 from ..labs.fakes import FakeRegistry, Fault, digest_of
 from ..labs.httplab import fetch
 from ..labs.redislab import RedisServer
-from ._nodes import REPO, Counted, Node, cluster_of
+from ._nodes import REPO, Counted, Node, cluster_of, settled
 
 MiB = 1024 * 1024
 UPSTREAM = "registry.fake.test"
@@ -79,7 +78,7 @@ async def test_a_blob_pulled_on_every_node_is_fetched_from_the_upstream_once(
         assert sum(sent) == 2 * len(data)
         assert sum(m["streamsync_cluster_leases_total{event=acquired}"] for m in metrics) == 1
         for node in nodes:  # replicate: every node keeps its copy
-            assert node.state.store.blob_path(parse_digest(digest)).read_bytes() == data
+            assert await settled(node, digest) == data
         status = (await client.get(f"{nodes[0].url}/_status.json")).json()
         cluster = status["cluster"]
         assert cluster["alive"] and cluster["node_url"] == nodes[0].url
@@ -152,7 +151,7 @@ async def test_when_the_owner_dies_mid_flight_the_follower_takes_over_at_its_own
         metrics = await follower.metrics(client)
         assert metrics["streamsync_cluster_leases_total{event=taken_over}"] == 1
         assert metrics["streamsync_cluster_peer_failures_total"] == 1
-        assert follower.state.store.blob_path(parse_digest(digest)).read_bytes() == data
+        assert await settled(follower, digest) == data
 
 
 async def test_without_redis_a_node_serves_misses_from_the_upstream_and_counts_them(

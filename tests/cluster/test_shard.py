@@ -18,7 +18,7 @@ from streamsync_trio.cluster import home
 from ..labs.fakes import FakeRegistry
 from ..labs.httplab import fetch
 from ..labs.redislab import RedisServer
-from ._nodes import Node, cluster_of
+from ._nodes import Node, cluster_of, settled
 
 MiB = 1024 * 1024
 UPSTREAM = "registry.fake.test"
@@ -36,11 +36,6 @@ def by_role(nodes: list[Node], digest: str) -> tuple[Node, list[Node]]:
     """The digest's home among the nodes, and the others."""
     url = home(digest, [node.url for node in nodes])
     return next(n for n in nodes if n.url == url), [n for n in nodes if n.url != url]
-
-
-def stored(node: Node, digest: str) -> bytes | None:
-    path = node.state.store.blob_path(parse_digest(digest))
-    return path.read_bytes() if path.exists() else None
 
 
 def nothing_left(node: Node) -> bool:
@@ -69,7 +64,8 @@ async def test_a_node_that_is_not_the_home_streams_the_blob_through_without_a_co
         assert len(fake.blob_gets(digest)) == 1
         # The home fetched it from the upstream (asked by the other node) and keeps it;
         # the other node verified it, streamed it to its client and kept nothing.
-        assert stored(owner, digest) == data
+        assert await settled(owner, digest) == data
+        assert await settled(other, digest) is None
         assert nothing_left(other) and nothing_left(third)
         mine, theirs = await other.metrics(client), await owner.metrics(client)
         assert (mine[THROUGH], mine[RECEIVED]) == (1, len(data))
@@ -104,6 +100,7 @@ async def test_a_damaged_body_from_the_home_never_completes_on_the_other_node(
         owner, [other] = by_role(nodes, digest)
         response, body = await fetch(client, owner.blob_url(digest))
         assert response.status_code == 200 and body == data
+        assert await settled(owner, digest) == data
         # The home's copy rots in place (same file, same size: it still trusts it).
         with owner.state.store.blob_path(parse_digest(digest)).open("r+b") as file:
             file.seek(MiB)
@@ -158,7 +155,8 @@ async def test_a_slow_client_on_the_other_node_finishes_after_the_partial_is_gon
             async for chunk in chunks:
                 received += chunk
         assert bytes(received) == data
-        assert stored(owner, digest) == data and nothing_left(other)
+        assert await settled(owner, digest) == data
+        assert await settled(other, digest) is None and nothing_left(other)
         assert len(fake.blob_gets(digest)) == 1
 
 
@@ -182,11 +180,12 @@ async def test_without_its_home_a_node_fetches_from_the_upstream_and_keeps_only_
         assert response.status_code == 200 and body == data
         assert trio.current_time() - killed_at < ttl * 2 / 3  # the dead home still live
         # Degraded: from the upstream itself, and still no copy (the home may be back soon).
+        assert await settled(other, digest) is None
         assert len(fake.blob_gets(digest)) == 1 and nothing_left(other)
         assert (await other.metrics(client))[THROUGH] == 1
         # Once the home's heartbeat expired, this node is the digest's home: it keeps it.
         await trio.sleep(max(0.0, killed_at + ttl + 0.5 - trio.current_time()))
         response, body = await fetch(client, other.blob_url(digest))
         assert response.status_code == 200 and body == data
-        assert len(fake.blob_gets(digest)) == 2 and stored(other, digest) == data
+        assert len(fake.blob_gets(digest)) == 2 and await settled(other, digest) == data
         assert (await other.metrics(client))[THROUGH] == 1

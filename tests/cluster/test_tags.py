@@ -11,23 +11,19 @@ the single-flight and never answers, and the hand-over when it gives up.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import replace
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import httpx
 import pytest
 import trio
 
-from streamsync_trio._config import ClusterConfig
 from streamsync_trio.cluster import RedisSharedTags, connect
 from streamsync_trio.core import SharedTag, TagKey
 
-from ..labs.fakes import FakeRegistry, digest_of, image_manifest, make_config
-from ..labs.proclab import free_port
+from ..labs.fakes import FakeRegistry, digest_of, image_manifest
 from ..labs.redislab import RedisServer
-from ._nodes import REPO, SECRET_ENV, Node, _run
+from ._nodes import REPO, Node, cluster_of
 
 UPSTREAM = "registry.fake.test"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -36,32 +32,16 @@ DOCKER_V2 = "application/vnd.docker.distribution.manifest.v2+json"
 BROAD = TagKey(UPSTREAM, REPO, "latest", "")
 
 
-@asynccontextmanager
-async def fleet(
+def fleet(
     tmp_path: Path,
     fake: httpx.AsyncBaseTransport,
     redis_url: str,
     monkeypatch: pytest.MonkeyPatch,
     count: int = 3,
     tag_ttl: float = 300.0,
-) -> AsyncIterator[list[Node]]:
+) -> AbstractAsyncContextManager[list[Node]]:
     """``_nodes.cluster_of`` with the upstream's ``tag_ttl`` set (the same on every node)."""
-    monkeypatch.setenv(SECRET_ENV, "a test secret shared by the nodes")
-    ports = [free_port() for _ in range(count)]
-    members = tuple(f"http://127.0.0.1:{port}" for port in ports)
-    nodes: list[Node] = []
-    async with trio.open_nursery() as nursery:
-        for index, port in enumerate(ports):
-            settings = ClusterConfig(
-                node_url=members[index], redis_url=redis_url, secret_env=SECRET_ENV, members=members
-            )
-            config = make_config(tmp_path / f"node{index}", tag_ttl=tag_ttl)
-            nodes.append(await nursery.start(_run, replace(config, cluster=settings), fake, port))
-        try:
-            yield nodes
-        finally:
-            for node in nodes:
-                node.shutdown.set()
+    return cluster_of(tmp_path, fake, redis_url, monkeypatch, count, upstream={"tag_ttl": tag_ttl})
 
 
 def manifest(seed: str) -> bytes:

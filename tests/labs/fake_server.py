@@ -1,6 +1,7 @@
 """The fake upstream served over real HTTP, for proxies running in another process.
 
-A tiny ASGI app hands each request to :class:`FakeRegistry` and streams its answer back, so
+A tiny ASGI app hands each request to :class:`FakeRegistry` (or any httpx transport) and
+streams its answer back, so
 the fault scripts (drops, stalls, statuses, pacing) reach a real proxy process through a real
 socket.  A body that fails mid-way raises, and hypercorn closes the connection short, exactly
 as a dropped upstream connection looks to the proxy.
@@ -25,7 +26,7 @@ Message = dict[str, Any]
 
 
 def asgi_app(
-    fake: FakeRegistry,
+    fake: httpx.AsyncBaseTransport, *, by_host: bool = False
 ) -> Callable[
     [Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]
 ]:
@@ -40,9 +41,13 @@ def asgi_app(
                 await send({"type": message["type"] + ".complete"})
                 if message["type"] == "lifespan.shutdown":
                     return
-        query = scope["query_string"].decode()
-        url = f"https://registry.fake.test{scope['path']}" + (f"?{query}" if query else "")
         headers = [(k.decode(), v.decode()) for k, v in scope["headers"]]
+        # by_host: the request's Host names the fake's origin (a registry and its CDN on one
+        # server); else every request is the registry's.
+        host = dict(headers).get("host", "") if by_host else ""
+        host = host.split(":")[0] or "registry.fake.test"
+        query = scope["query_string"].decode()
+        url = f"https://{host}{scope['path']}" + (f"?{query}" if query else "")
         request = httpx.Request(scope["method"], url, headers=headers)
         response = await fake.handle_async_request(request)
         await send(

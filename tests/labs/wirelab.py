@@ -16,12 +16,11 @@ import shutil
 import ssl
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import httpx
 import trio
@@ -30,8 +29,7 @@ from hypercorn.trio import serve
 
 from streamsync_trio.upstream._wire import WireTransport
 
-Scope = dict[str, Any]
-Message = dict[str, Any]
+from .fake_server import asgi_app
 
 
 @dataclass(frozen=True)
@@ -76,48 +74,6 @@ def client_context(ca: Path | None = None) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(ca or certificates().ca))
 
 
-def asgi_app(
-    transport: httpx.AsyncBaseTransport,
-) -> Callable[
-    [Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]
-]:
-    async def app(
-        scope: Scope,
-        receive: Callable[[], Awaitable[Message]],
-        send: Callable[[Message], Awaitable[None]],
-    ) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                await send({"type": message["type"] + ".complete"})
-                if message["type"] == "lifespan.shutdown":
-                    return
-        headers = [(k.decode(), v.decode()) for k, v in scope["headers"]]
-        host = dict(headers).get("host", "registry.fake.test").split(":")[0]
-        query = scope["query_string"].decode()
-        url = f"https://{host}{scope['path']}" + (f"?{query}" if query else "")
-        request = httpx.Request(scope["method"], url, headers=headers)
-        response = await transport.handle_async_request(request)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": response.status_code,
-                "headers": [(k.encode(), v.encode()) for k, v in response.headers.items()],
-            }
-        )
-        stream = response.stream
-        assert isinstance(stream, httpx.AsyncByteStream)
-        try:
-            if scope["method"] != "HEAD":
-                async for chunk in stream:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        finally:
-            await stream.aclose()
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-    return app
-
-
 @asynccontextmanager
 async def serving_tls(transport: httpx.AsyncBaseTransport) -> AsyncIterator[int]:
     """Serve ``transport`` over HTTPS on a free loopback port; yields the port."""
@@ -131,8 +87,9 @@ async def serving_tls(transport: httpx.AsyncBaseTransport) -> AsyncIterator[int]
     config.alpn_protocols = ["http/1.1"]
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
+        app = asgi_app(transport, by_host=True)
         binds = await nursery.start(
-            partial(serve, asgi_app(transport), config, shutdown_trigger=shutdown.wait)  # type: ignore[arg-type]
+            partial(serve, app, config, shutdown_trigger=shutdown.wait)  # type: ignore[arg-type]
         )
         try:
             yield int(binds[0].rsplit(":", 1)[1])
