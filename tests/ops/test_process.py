@@ -42,6 +42,14 @@ class ProxyProcess:
     def stored(self) -> list[Path]:
         return [p for p in (self.cache / "blobs").rglob("*") if p.is_file()]
 
+    async def wait_stored(self, timeout: float = 10.0) -> list[Path]:
+        """The stored blobs once there are any: a client has its last byte before the
+        commit (the fsync is off its path), so its response may end before the rename."""
+        with trio.fail_after(timeout):
+            while not (stored := self.stored()):
+                await trio.sleep(0.02)
+        return stored
+
 
 @asynccontextmanager
 async def proxy_process(
@@ -107,7 +115,7 @@ async def test_kill_9_mid_download_leaves_nothing_servable_and_restart_recovers(
                 response = await client.get(restarted.blob_url(digest), timeout=30)
             assert response.status_code == 200
             assert response.content == data
-            [blob] = restarted.stored()
+            [blob] = await restarted.wait_stored()
             assert hashlib.sha256(blob.read_bytes()).hexdigest() == blob.name
 
 
