@@ -10,6 +10,7 @@ from streamsync_trio.core._store import Store
 
 from .labs.fakes import UPSTREAM, FakeRegistry
 from .labs.redislab import RedisServer
+from .labs.wirelab import READER
 
 
 @pytest.fixture
@@ -51,3 +52,17 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.definition.get_closest_marker("both_readers"):
+        metafunc.parametrize("blob_reader", ["httpx", "wire"], indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def blob_reader(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The upstream blob reader of this test (``wirelab.READER``): httpx unless the test is
+    marked ``both_readers``, which runs it with each."""
+    READER[0] = getattr(request, "param", "httpx")
+    yield READER[0]
+    READER[0] = "httpx"

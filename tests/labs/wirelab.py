@@ -17,7 +17,7 @@ import ssl
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -27,6 +27,8 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
+from streamsync_trio import UpstreamConfig
+from streamsync_trio.upstream import Upstream
 from streamsync_trio.upstream._wire import WireTransport
 
 from .fake_server import asgi_app
@@ -104,3 +106,26 @@ def wire_to(port: int, ca: Path | None = None) -> WireTransport:
         return await trio.open_tcp_stream("127.0.0.1", port)
 
     return WireTransport(client_context(ca), connect=connect)
+
+
+# Which reader the current test's blob bodies go through: "httpx" (from the transport the
+# test scripts) or "wire" (the large-buffer reader, from the same transport served over real
+# TLS).  Set per test by the ``blob_reader`` fixture (tests/conftest.py); tests marked
+# ``both_readers`` run once with each, since what a client sees must not differ.
+READER = ["httpx"]
+
+
+@asynccontextmanager
+async def upstream_reading(
+    config: UpstreamConfig, transport: httpx.AsyncBaseTransport
+) -> AsyncIterator[Upstream]:
+    """An :class:`Upstream` over ``transport`` whose blob bodies go through ``READER``."""
+    async with AsyncExitStack() as stack:
+        wire = None
+        if READER[0] == "wire":
+            wire = wire_to(await stack.enter_async_context(serving_tls(transport)))
+        upstream = Upstream(config, transport=transport, blob_transport=wire)
+        try:
+            yield upstream
+        finally:
+            await upstream.aclose()

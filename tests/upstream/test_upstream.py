@@ -12,8 +12,8 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import httpx
@@ -33,7 +33,7 @@ from streamsync_trio.upstream._client import (
 )
 
 from ..labs.fakes import CDN, FakeRegistry, Fault, digest_of
-from ..labs.wirelab import serving_tls, wire_to
+from ..labs.wirelab import upstream_reading
 
 HOST = "registry.fake.test"
 REPO = "library/app"
@@ -51,53 +51,10 @@ def basic(username: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
 
 
-# The tests of blob bodies run twice: with httpx reading the body from the transport the test
-# scripts, and with the large-buffer wire reader reading it from the same transport served over
-# real TLS (tests.labs.wirelab); what a client sees must not differ.
-BOTH_READERS = {
-    "test_anonymous_manifest_and_blob",
-    "test_blob_redirects_never_carry_credentials_to_another_host",
-    "test_not_found_upstream_is_404",
-    "test_upstream_status_mapping",
-    "test_connection_drop_mid_blob_is_502",
-    "test_open_blob_at_an_offset_sends_range_and_reads_206",
-    "test_open_blob_when_the_upstream_ignores_range",
-    "test_206_content_range_parsing",
-    "test_blob_without_content_length_has_unknown_size",
-}
-_reader = ["httpx"]
-
-
-def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if metafunc.function.__name__ in BOTH_READERS:
-        metafunc.parametrize("blob_reader", ["httpx", "wire"], indirect=True)
-
-
-@pytest.fixture(autouse=True)
-def blob_reader(request: pytest.FixtureRequest) -> Iterator[str]:
-    _reader[0] = getattr(request, "param", "httpx")
-    yield _reader[0]
-    _reader[0] = "httpx"
-
-
-@asynccontextmanager
-async def open_upstream(
+def open_upstream(
     transport: httpx.AsyncBaseTransport, **settings: Any
-) -> AsyncIterator[Upstream]:
-    config = UpstreamConfig(name=HOST, url=f"https://{HOST}", **settings)
-    if _reader[0] == "wire":
-        async with serving_tls(transport) as port:
-            upstream = Upstream(config, transport=transport, blob_transport=wire_to(port))
-            try:
-                yield upstream
-            finally:
-                await upstream.aclose()
-        return
-    upstream = Upstream(config, transport=transport)
-    try:
-        yield upstream
-    finally:
-        await upstream.aclose()
+) -> AbstractAsyncContextManager[Upstream]:
+    return upstream_reading(UpstreamConfig(name=HOST, url=f"https://{HOST}", **settings), transport)
 
 
 def stocked(**options: Any) -> FakeRegistry:
@@ -134,6 +91,7 @@ def hosts_and_auth(fake: FakeRegistry) -> list[tuple[str, str, str | None]]:
 # -- anonymous ----------------------------------------------------------------------------------
 
 
+@pytest.mark.both_readers
 async def test_anonymous_manifest_and_blob() -> None:
     fake = stocked()
     async with open_upstream(fake) as upstream:
@@ -426,6 +384,7 @@ async def test_auth_required_without_credentials_configured_is_401(auth: str) ->
 
 
 @pytest.mark.parametrize("auth", [None, "bearer", "basic"])
+@pytest.mark.both_readers
 async def test_blob_redirects_never_carry_credentials_to_another_host(
     with_password: dict[str, Any], auth: str | None
 ) -> None:
@@ -525,6 +484,7 @@ OPERATIONS: dict[str, tuple[Operation, str]] = {
 
 
 @pytest.mark.parametrize("operation", OPERATIONS)
+@pytest.mark.both_readers
 async def test_not_found_upstream_is_404(operation: str) -> None:
     run, not_found_code = OPERATIONS[operation]
     async with open_upstream(FakeRegistry()) as upstream:
@@ -570,6 +530,7 @@ def always(status: int, headers: dict[str, str]) -> tuple[httpx.MockTransport, l
     [case[1:] for case in STATUS_CASES],
     ids=[case[0] for case in STATUS_CASES],
 )
+@pytest.mark.both_readers
 async def test_upstream_status_mapping(
     operation: str,
     upstream_status: int,
@@ -679,6 +640,7 @@ async def test_transport_errors(
     assert words in error.value.message
 
 
+@pytest.mark.both_readers
 async def test_connection_drop_mid_blob_is_502() -> None:
     fake = stocked()
     fake.faults[BLOB_DIGEST] = [Fault(drop_at=100_000)]
@@ -695,6 +657,7 @@ async def test_connection_drop_mid_blob_is_502() -> None:
 # -- ranges -----------------------------------------------------------------------------------
 
 
+@pytest.mark.both_readers
 async def test_open_blob_at_an_offset_sends_range_and_reads_206() -> None:
     fake = stocked()
     async with open_upstream(fake) as upstream:
@@ -703,6 +666,7 @@ async def test_open_blob_at_an_offset_sends_range_and_reads_206() -> None:
     assert fake.blob_gets(BLOB_DIGEST)[0].headers["Range"] == "bytes=70000-"
 
 
+@pytest.mark.both_readers
 async def test_open_blob_when_the_upstream_ignores_range() -> None:
     fake = stocked()
     fake.faults[BLOB_DIGEST] = [Fault(ignore_range=True)]
@@ -721,6 +685,7 @@ async def test_open_blob_when_the_upstream_ignores_range() -> None:
         ("", None, None),
     ],
 )
+@pytest.mark.both_readers
 async def test_206_content_range_parsing(
     content_range: str, offset: int | None, total: int | None
 ) -> None:
@@ -738,6 +703,7 @@ async def test_206_content_range_parsing(
             assert (body.offset, body.total_size, data) == (offset, total, b"x" * 90)
 
 
+@pytest.mark.both_readers
 async def test_blob_without_content_length_has_unknown_size() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, content=streamed(b"abc", b"def"))

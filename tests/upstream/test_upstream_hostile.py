@@ -12,8 +12,8 @@ import base64
 import gzip
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import httpx
@@ -24,7 +24,7 @@ import trio.testing
 from streamsync_trio import RegistryError, UpstreamConfig
 from streamsync_trio.upstream._client import MAX_TOKEN_RESPONSE, Upstream
 
-from ..labs.wirelab import serving_tls, wire_to
+from ..labs.wirelab import upstream_reading
 
 HOST = "registry.fake.test"
 REALM = "https://auth.fake.test/token"
@@ -39,36 +39,9 @@ PASSWORD = "hunter2-but-longer"
 Handler = Callable[[httpx.Request], Coroutine[Any, Any, httpx.Response]]
 
 
-# Blob tests run with httpx reading the body and with the wire reader reading it over real TLS.
-BOTH_READERS = {"test_credentials_never_answer_a_challenge_from_a_redirect_target"}
-_reader = ["httpx"]
-
-
-def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if metafunc.function.__name__ in BOTH_READERS:
-        metafunc.parametrize("blob_reader", ["httpx", "wire"], indirect=True)
-
-
-@pytest.fixture(autouse=True)
-def blob_reader(request: pytest.FixtureRequest) -> Iterator[str]:
-    _reader[0] = getattr(request, "param", "httpx")
-    yield _reader[0]
-    _reader[0] = "httpx"
-
-
-@asynccontextmanager
-async def upstream_over(handler: Handler, **settings: Any) -> AsyncIterator[Upstream]:
+def upstream_over(handler: Handler, **settings: Any) -> AbstractAsyncContextManager[Upstream]:
     config = UpstreamConfig(name=HOST, url=f"https://{HOST}", **settings)
-    transport = httpx.MockTransport(handler)
-    async with AsyncExitStack() as stack:
-        wire = None
-        if _reader[0] == "wire":
-            wire = wire_to(await stack.enter_async_context(serving_tls(transport)))
-        upstream = Upstream(config, transport=transport, blob_transport=wire)
-        try:
-            yield upstream
-        finally:
-            await upstream.aclose()
+    return upstream_reading(config, httpx.MockTransport(handler))
 
 
 def challenge() -> httpx.Response:
@@ -314,6 +287,7 @@ async def test_an_unknown_content_encoding_is_refused() -> None:
 # -- redirects -----------------------------------------------------------------------------------
 
 
+@pytest.mark.both_readers
 async def test_credentials_never_answer_a_challenge_from_a_redirect_target(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
