@@ -31,6 +31,9 @@ from pathlib import Path
 import httpx
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))  # the test CA comes from the tests' labs
+from tests.labs.wirelab import Certificates as TestCA  # noqa: E402
+from tests.labs.wirelab import make_ca  # noqa: E402
 
 
 def free_port() -> int:
@@ -347,56 +350,9 @@ def push_image(workdir: Path, registry_url: str, repo: str, layers: int, layer_s
     )
 
 
-@dataclass(frozen=True)
-class TestCA:
-    """A throw-away CA and a server certificate it signed for 127.0.0.1 (and localhost)."""
-
-    ca: Path
-    cert: Path
-    key: Path
-
-
 def make_test_ca(workdir: Path) -> TestCA:
-    """Made with the openssl command line, so the lab needs no Python crypto package."""
-    folder = workdir / "tls"
-    folder.mkdir(parents=True, exist_ok=True)
-    ca, ca_key = folder / "ca.pem", folder / "ca-key.pem"
-    cert, key, csr = folder / "server.pem", folder / "server-key.pem", folder / "server.csr"
-    extensions = folder / "server.ext"
-    extensions.write_text(
-        "subjectAltName = IP:127.0.0.1, DNS:localhost\n"
-        "basicConstraints = CA:FALSE\nkeyUsage = digitalSignature, keyEncipherment\n"
-        "extendedKeyUsage = serverAuth\n"
-        "subjectKeyIdentifier = hash\nauthorityKeyIdentifier = keyid,issuer\n"
-    )
-    p256 = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
-    # Python 3.13 verifies strictly (VERIFY_X509_STRICT): the CA needs its key usage.
-    ca_usage = ["-addext", "keyUsage = critical, keyCertSign, cRLSign"]
-    ca_usage += ["-addext", "basicConstraints = critical, CA:TRUE"]
-    _openssl(
-        "req",
-        "-x509",
-        *p256,
-        *ca_usage,
-        "-keyout",
-        ca_key,
-        "-out",
-        ca,
-        "-days",
-        "2",
-        "-subj",
-        "/CN=CA",
-    )
-    _openssl("req", *p256, "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1")
-    _openssl(
-        *("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial"),
-        *("-out", cert, "-days", "2", "-extfile", extensions),
-    )
-    return TestCA(ca, cert, key)
-
-
-def _openssl(*args: str | Path) -> None:
-    subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
+    """A throw-away CA and a server certificate it signed for 127.0.0.1 (and localhost)."""
+    return make_ca(workdir / "tls", ["IP:127.0.0.1", "DNS:localhost"])
 
 
 @contextlib.contextmanager

@@ -46,20 +46,30 @@ def certificates() -> Certificates:
     """A test CA and a server certificate for the fake hosts, made once per session."""
     folder = Path(tempfile.mkdtemp(prefix="wirelab-"))
     atexit.register(shutil.rmtree, folder, True)
+    return make_ca(folder, ["DNS:registry.fake.test", "DNS:cdn.fake.test", "DNS:auth.fake.test"])
+
+
+def make_ca(folder: Path, names: list[str]) -> Certificates:
+    """A throw-away CA in ``folder`` and a server certificate it signed for ``names``
+    (``subjectAltName`` entries such as ``DNS:localhost`` or ``IP:127.0.0.1``), made with the
+    openssl command line, so no Python crypto package is needed.  The benchmarks use it too."""
+    folder.mkdir(parents=True, exist_ok=True)
     ca, ca_key = folder / "ca.pem", folder / "ca-key.pem"
     cert, key, csr = folder / "server.pem", folder / "server-key.pem", folder / "server.csr"
     extensions = folder / "server.ext"
     extensions.write_text(
-        "subjectAltName = DNS:registry.fake.test, DNS:cdn.fake.test, DNS:auth.fake.test\n"
+        f"subjectAltName = {', '.join(names)}\n"
         "basicConstraints = CA:FALSE\nkeyUsage = digitalSignature, keyEncipherment\n"
         "extendedKeyUsage = serverAuth\n"
         "subjectKeyIdentifier = hash\nauthorityKeyIdentifier = keyid,issuer\n"
     )
     p256 = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    # Python 3.13 verifies strictly (VERIFY_X509_STRICT): the CA needs its key usage.
     ca_ext = ["-addext", "keyUsage = critical, keyCertSign, cRLSign"]
     ca_ext += ["-addext", "basicConstraints = critical, CA:TRUE"]
     _openssl("req", "-x509", *p256, *ca_ext, "-keyout", ca_key, "-out", ca, "-subj", "/CN=test CA")
-    _openssl("req", *p256, "-keyout", key, "-out", csr, "-subj", "/CN=registry.fake.test")
+    subject = names[0].split(":", 1)[1]
+    _openssl("req", *p256, "-keyout", key, "-out", csr, "-subj", f"/CN={subject}")
     _openssl(
         *("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial"),
         *("-out", cert, "-days", "2", "-extfile", extensions),
