@@ -369,16 +369,38 @@ class ManifestService:
             return None
         self.upstream_heads += 1
         head = await upstream.head_manifest(repo, str(digest), accept.widened())
+        return await self._store_shared(
+            upstream, repo, str(digest), body, head.media_type, str(digest)
+        )
+
+    async def _store_shared(
+        self,
+        upstream: Upstream,
+        repo: str,
+        digest: str,
+        body: bytes,
+        media_type: str,
+        shared_as: TagKey | str,
+    ) -> CachedManifest | None:
+        """A manifest the fleet shared, checked exactly like an upstream answer, then stored
+        and linked to ``repo``; None (counted) when it fails a check: then the upstream is
+        asked.  The checks are what make a wrong or tampered entry harmless: the body must
+        be a manifest within the size bound and hash to the digest it is shared under.
+        ``shared_as``: the tag, or the digest, the fleet shared it under (for the count)."""
+        assert self.shared_tags is not None
         try:
-            _check_digest(body, digest)
-            media_type = manifest_media_type(body, head.media_type, upstream.name)
+            parsed = parse_digest(digest)
+            if len(body) > MAX_MANIFEST_BYTES:
+                raise _bad_upstream(upstream, "shared by the fleet is over the size bound")
+            _check_digest(body, parsed)
+            media_type = manifest_media_type(body, media_type, upstream.name)
         except RegistryError as error:
             log.warning("ignoring the fleet's manifest %s: %s", digest, error.message)
-            self.shared_tags.rejected(str(digest), error.message)
+            self.shared_tags.rejected(shared_as, error.message)
             return None
-        answer = CachedManifest.of(body, media_type, str(digest))
-        await self._write(digest, answer)
-        await self._link(upstream, repo, digest, body)
+        answer = CachedManifest.of(body, media_type, digest)
+        await self._write(parsed, answer)
+        await self._link(upstream, repo, parsed, body)
         return answer
 
     async def _as_upstream_answers(
@@ -525,25 +547,13 @@ class ManifestService:
         key: TagKey,
         shared: SharedTag,
     ) -> CachedManifest | None:
-        """The fleet's answer, checked exactly like an upstream answer, stored and recorded
-        as this node's; None (counted) when it fails a check: then the upstream is asked.
-
-        The checks are what make a wrong or tampered entry harmless: the body must be a
-        manifest within the size bound and hash to the digest it is shared under."""
-        assert self.shared_tags is not None
-        try:
-            digest = parse_digest(shared.digest)
-            if len(shared.body) > MAX_MANIFEST_BYTES:
-                raise _bad_upstream(upstream, "shared by the fleet is over the size bound")
-            _check_digest(shared.body, digest)
-            media_type = manifest_media_type(shared.body, shared.media_type, upstream.name)
-        except RegistryError as error:
-            log.warning("ignoring the fleet's answer for %s:%s: %s", repo, tag, error.message)
-            self.shared_tags.rejected(key, error.message)
+        """The fleet's answer for a tag, checked and stored (:meth:`_store_shared`) and
+        recorded as this node's; None (counted) when it fails a check."""
+        answer = await self._store_shared(
+            upstream, repo, shared.digest, shared.body, shared.media_type, key
+        )
+        if answer is None:
             return None
-        answer = CachedManifest.of(shared.body, media_type, str(digest))
-        await self._write(digest, answer)
-        await self._link(upstream, repo, digest, shared.body)
         await self._write_tag(upstream, repo, tag, accept, answer)
         # Fresh here only as long as at the node that fetched it: tag_ttl bounds staleness.
         name = _record_name(tag, accept.record_key)
