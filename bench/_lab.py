@@ -51,11 +51,11 @@ def require(*tools: str) -> None:
         )
 
 
-def wait_http(url: str, timeout: float = 20.0) -> None:
+def wait_http(url: str, timeout: float = 20.0, ca: Path | None = None) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            httpx.get(url, timeout=1.0)
+            httpx.get(url, timeout=1.0, verify=str(ca) if ca else True)
             return
         except httpx.HTTPError:
             if time.monotonic() > deadline:
@@ -182,10 +182,12 @@ def proxy(
     chunk_size: int = 1024 * 1024,
     workers: int = 1,
     env: dict[str, str] | None = None,
+    client_tls: TestCA | None = None,
 ) -> Iterator[Proxy]:
     """streamsync-trio in front of ``upstream_url``; ``env`` adds to its environment (an
     HTTPS upstream signed by a test CA is trusted through ``SSL_CERT_FILE``, as httpx and the
-    blob reader read it)."""
+    blob reader read it).  With ``client_tls`` it serves HTTPS with that CA's certificate
+    (the repo's hypercorn.toml plus ``certfile``/``keyfile``)."""
     port = free_port()
     name = upstream_url.split("://", 1)[-1]
     cache = workdir / f"proxy-cache-{port}"
@@ -199,9 +201,18 @@ def proxy(
     # The README's way: one process, hypercorn's trio server, the repo's hypercorn.toml.
     args = [sys.executable, "-m", "streamsync_trio", "serve", "--bind", f"127.0.0.1:{port}"]
     args += ["--workers", str(workers)]
+    scheme = "http"
+    if client_tls is not None:
+        hypercorn = workdir / f"hypercorn-{port}.toml"
+        hypercorn.write_text(
+            (REPO_ROOT / "hypercorn.toml").read_text()
+            + f'certfile = "{client_tls.cert}"\nkeyfile = "{client_tls.key}"\n'
+        )
+        args += ["--hypercorn-config", str(hypercorn)]
+        scheme = "https"
     with process(args, workdir / "proxy.log", env) as pid:
-        url = f"http://127.0.0.1:{port}"
-        wait_http(url + "/v2/")
+        url = f"{scheme}://127.0.0.1:{port}"
+        wait_http(url + "/v2/", ca=client_tls.ca if client_tls else None)
         yield Proxy(url, pid, cache)
 
 
@@ -242,6 +253,25 @@ def distribution_proxy(
         url = f"http://127.0.0.1:{port}"
         wait_http(url + "/v2/")
         yield Proxy(url, pid, cache)
+
+
+def recycle_pages(workdir: Path, size: int) -> None:
+    """Write ``size`` bytes to a scratch file in ``workdir`` and delete it, so that the next
+    ``size`` bytes a mirror caches land in pages the machine has just freed.
+
+    On a VM whose balloon reports free pages to the host (virtio_balloon here), the first
+    touch of a page the host took back costs the guest a fault to the hypervisor: writing
+    256 MiB to a new file measured 0.33-0.41 GB/s and 2.5-3.0 CPU s/GB, the same write
+    right after a delete 4.4-4.9 GB/s and 0.2 CPU s/GB.  A benchmark that runs mirrors one
+    after the other would otherwise hand the second mirror the pages the first one's cache
+    just freed, and charge the first one for the hypervisor.  Every mirror gets this before
+    each measured pull, so all of them write into pages in the same state."""
+    scratch = workdir / "recycle-pages.tmp"
+    piece = b"\0" * (1 << 20)
+    with open(scratch, "wb") as out:
+        for _ in range(0, size, len(piece)):
+            out.write(piece)
+    scratch.unlink()
 
 
 def tree_cpu_seconds(pid: int) -> float:

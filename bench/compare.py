@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import shutil
@@ -40,6 +41,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import _lab
 import trio
@@ -179,37 +181,81 @@ def measure_all(
     return results
 
 
-def chart(results: list[Measured], path: Path) -> None:
-    """A small grouped bar chart (Pillow only), one panel per headline measure."""
+def record(path: Path, key: str, figures: dict[str, object]) -> dict[str, dict[str, object]]:
+    """Keep this run's figures beside the chart (``<chart>.json``, one entry per kind of
+    run), so the chart shows the latest run of each kind: the slow-upstream lab and the
+    fast-upstream cold path are separate runs of this script."""
+    store = path.with_suffix(".json")
+    saved: dict[str, dict[str, object]] = json.loads(store.read_text()) if store.exists() else {}
+    saved[key] = {"date": time.strftime("%Y-%m-%d"), **figures}
+    store.parent.mkdir(parents=True, exist_ok=True)
+    store.write_text(json.dumps(saved, indent=1, sort_keys=True) + "\n")
+    return saved
+
+
+LAB_PANELS = [
+    ("upstream bytes / blob size", "lower is better"),
+    ("cold: last client done (s)", "lower is better"),
+    ("warm: aggregate MB/s (median)", "higher is better"),
+    ("CPU seconds per GB served", "lower is better"),
+]
+COLOURS = [(30, 136, 229), (144, 202, 249), (120, 120, 120), (200, 200, 200)]
+
+
+def chart(saved: dict[str, dict[str, Any]], path: Path) -> None:
+    """Grouped bar charts (Pillow only): a row for the slow-upstream lab (40 MiB/s per
+    connection) and a row for the fast upstream (the cold path at wire speed)."""
     from PIL import Image, ImageDraw
 
-    panels = [
-        ("upstream bytes / blob size", "lower is better"),
-        ("cold: last client done (s)", "lower is better"),
-        ("warm: aggregate MB/s (median)", "higher is better"),
-        ("CPU seconds per GB served", "lower is better"),
-    ]
-    colours = [(30, 136, 229), (144, 202, 249), (120, 120, 120)]
-    width, height, pad = 1100, 360, 30
-    image = Image.new("RGB", (width, height), "white")
+    rows: list[tuple[str, list[tuple[str, str, list[tuple[str, float]]]]]] = []
+    if "lab" in saved:
+        mirrors = saved["lab"]["mirrors"]
+        panels = [
+            (key, hint, [(n, r.get(key, 0.0)) for n, r in mirrors.items()])
+            for key, hint in LAB_PANELS
+        ]
+        rows.append(
+            (f"upstream limited to 40 MiB/s per connection ({saved['lab']['date']})", panels)
+        )
+    if "fast" in saved:
+        fast = saved["fast"]["medians"]
+        panels = []
+        for scenario in FAST_SCENARIOS:
+            for scheme in ("http", "https"):
+                key = f"{scheme} {scenario}"
+                if key in fast:
+                    bars = [(m, fast[key][m][0]) for m in FAST_MIRRORS]
+                    panels.append((f"{scenario}, {scheme}: MB/s", "higher is better", bars))
+        rows.append(
+            (f"fast upstream on loopback, cold 256 MiB blobs ({saved['fast']['date']})", panels)
+        )
+    width, row_height, pad = 1400, 360, 30
+    image = Image.new("RGB", (width, row_height * max(len(rows), 1)), "white")
     draw = ImageDraw.Draw(image)
-    panel_width = (width - pad) // len(panels)
-    for index, (key, hint) in enumerate(panels):
-        left = pad + index * panel_width
-        values = [r.rows.get(key, 0.0) for r in results]
-        top = max(values) or 1.0
-        draw.text((left, 10), key, fill="black")
-        draw.text((left, 26), hint, fill=(110, 110, 110))
-        for bar, (value, result) in enumerate(zip(values, results, strict=True)):
-            bar_height = int((height - 110) * value / top)
-            x0 = left + 10 + bar * 85
-            draw.rectangle(
-                (x0, height - 50 - bar_height, x0 + 60, height - 50),
-                fill=colours[bar % len(colours)],
-            )
-            draw.text((x0, height - 64 - bar_height), f"{value:.2f}", fill="black")
-            for line, text in enumerate(result.name.split(", ")):
-                draw.text((x0, height - 40 + 12 * line), text, fill="black")
+    for row, (title, panels) in enumerate(rows):
+        top_y = row * row_height
+        draw.text((pad, top_y + 6), title, fill="black")
+        panel_width = (width - pad) // max(len(panels), 1)
+        for index, (key, hint, bars) in enumerate(panels):
+            left = pad + index * panel_width
+            top = max(v for _, v in bars) or 1.0
+            draw.text((left, top_y + 26), key, fill="black")
+            draw.text((left, top_y + 40), hint, fill=(110, 110, 110))
+            bar_width = min(60, (panel_width - 20) // len(bars) - 10)
+            for bar, (name, value) in enumerate(bars):
+                bar_height = int((row_height - 130) * value / top)
+                x0 = left + 10 + bar * (bar_width + 10)
+                bottom = top_y + row_height - 50
+                draw.rectangle(
+                    (x0, bottom - bar_height, x0 + bar_width, bottom), fill=COLOURS[bar % 4]
+                )
+                draw.text(
+                    (x0, bottom - 14 - bar_height),
+                    f"{value:.2f}" if value < 10 else f"{value:.0f}",
+                    fill="black",
+                )
+                for line, text in enumerate(name.split(", ")):
+                    draw.text((x0, bottom + 10 + 12 * line), text, fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
 
@@ -316,6 +362,8 @@ def fast_round(
                 clients, count = FAST_SCENARIOS[scenario]
                 chosen = [next(unused) for _ in range(count)]
                 urls = [f"{url}/v2/bench/blob/blobs/{chosen[i % count]}" for i in range(clients)]
+                if pid:  # a mirror caches what it serves: into recently freed pages, all alike
+                    _lab.recycle_pages(workdir, size * count)
                 cpu = _lab.tree_cpu_seconds(pid) if pid else 0.0
                 first_byte, wall = trio.run(parallel_pulls, urls, size, ca)
                 total = size * clients
@@ -370,6 +418,19 @@ def fast_upstream(args: argparse.Namespace) -> None:
     print("\nevery round (MB/s):")
     for (scheme, scenario, mirror), values in runs.items():
         print(f"  {scheme} {scenario} {mirror}: " + ", ".join(f"{v[0]:.0f}" for v in values))
+    medians = {
+        f"{scheme} {scenario}": {
+            mirror: [
+                statistics.median(r[k] for r in runs[(scheme, scenario, mirror)]) for k in range(3)
+            ]
+            for mirror in FAST_MIRRORS
+        }
+        for scheme in ("http", "https")
+        for scenario in scenarios
+    }
+    saved = record(args.chart, "fast", {"medians": medians, "rounds": args.rounds})
+    chart(saved, args.chart)
+    print(f"\nchart: {args.chart}")
 
 
 def main() -> None:
@@ -425,7 +486,8 @@ def main() -> None:
         "\nwarm rounds (MB/s): "
         + "; ".join(f"{m.name}: " + ", ".join(f"{r:.0f}" for r in m.warm_rounds) for m in results)
     )
-    chart(results, args.chart)
+    saved = record(args.chart, "lab", {"mirrors": {m.name: m.rows for m in results}})
+    chart(saved, args.chart)
     print(f"\nchart: {args.chart}")
 
 

@@ -60,6 +60,21 @@ class BlobBody(Protocol):
     def chunks(self) -> AsyncIterator[bytes]: ...
 
 
+class BlockingBody(Protocol):
+    """A body a worker thread can read without the event loop (see ``_pump``): what a source
+    offers beside ``chunks`` when its bytes come straight from a socket.
+
+    ``readinto`` blocks for at most ``timeout`` seconds: it returns how many bytes it put at
+    the start of ``buffer``, ``0`` at the end of the body, ``None`` when nothing arrived in
+    time; it raises ``RegistryError`` when the source fails (as ``chunks`` would).
+    ``interrupt`` is called from the trio thread to make a ``readinto`` that is waiting, or
+    any later one, give up at once; the reader is not used after that.
+    """
+
+    def readinto(self, buffer: memoryview, timeout: float) -> int | None: ...
+    def interrupt(self) -> None: ...
+
+
 # Opens the blob at a byte offset.  The upstream may ignore the offset and start at 0.
 BlobSource = Callable[[int], AbstractAsyncContextManager[BlobBody]]
 

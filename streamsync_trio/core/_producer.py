@@ -16,26 +16,29 @@ there, not here.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import hashlib
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
 
 from .._errors import RegistryError, upstream_timeout, upstream_unavailable
-from ._downloads import BlobSource, Download, DownloadStats, download_event, failure_reason
+from .._threads import run_interruptible
+from ._downloads import (
+    BlobSource,
+    BlockingBody,
+    Download,
+    DownloadStats,
+    download_event,
+    failure_reason,
+)
 from ._limits import no_room, size_invalid, too_large
+from ._pump import FLUSH_INTERVAL, Hasher, Pump, write_range
 from ._retry import RetryPolicy, is_transient
 
 log = logging.getLogger("streamsync_trio.streaming")
-
-# A batch is flushed when it reaches chunk_size, or when its oldest byte has waited this long:
-# a slow upstream must not hold the first byte back for a whole chunk (time to first byte).
-FLUSH_INTERVAL = 0.05
 
 
 @dataclass
@@ -113,6 +116,10 @@ class Fetch:
                 raise upstream_unavailable("blob", "upstream resumed past the requested offset")
             # An upstream that ignores Range starts again at 0: skip what we already have.
             skip = download.available - body.offset
+            blocking: BlockingBody | None = getattr(body, "blocking", None)
+            if blocking is not None:  # bytes straight from a socket: the fast lane
+                await self._pump(blocking, hasher, skip, upstream)
+                return
             batch = bytearray()
             batch_started = 0.0
             chunks = aiter(body.chunks)
@@ -150,6 +157,42 @@ class Fetch:
                     await self._flush(batch, hasher, upstream)
                 raise
             await self._flush(batch, hasher, upstream)
+
+    async def _pump(self, body: BlockingBody, hasher: HashLane, skip: int, upstream: bool) -> None:
+        """The body read, hashed and written by one worker thread (``_pump``); the event
+        loop hears of each batch written, in order, before this returns or raises."""
+        download = self.download
+        token = trio.lowlevel.current_trio_token()
+
+        def advanced(available: int, count: int) -> None:
+            if upstream:
+                self.stats.upstream_bytes += count
+            download.advance(available)
+
+        def progress(available: int, count: int) -> None:  # in the worker thread
+            try:
+                token.run_sync_soon(advanced, available, count)
+            except trio.RunFinishedError:
+                pass
+
+        pump = Pump(
+            body,
+            self.fd,
+            await hasher.exclusive(),
+            download.available,
+            skip,
+            download.size,
+            download.bound.maximum,
+            self.chunk_size,
+            self.stall_timeout,
+            progress,
+        )
+
+        def interrupt() -> None:
+            pump.stopping = True
+            body.interrupt()
+
+        await run_interruptible(pump.run, interrupt)
 
     def _bound(self, pending: int) -> None:
         """Refuse a body growing past its size, or past the maximum when it has none."""
@@ -258,6 +301,13 @@ class HashLane:
 
         trio.lowlevel.start_thread_soon(update, deliver)
 
+    async def exclusive(self) -> Hasher:
+        """The hasher itself, once every batch added is hashed, for a caller that updates it
+        synchronously (the pump's thread) and adds nothing here until it is done."""
+        await self._idle.wait()
+        self._raise_failure()
+        return self._hasher
+
     async def hexdigest(self) -> str:
         """The digest of every byte added, once all of them are hashed."""
         await self._idle.wait()
@@ -267,39 +317,3 @@ class HashLane:
     def _raise_failure(self) -> None:
         if self._failure is not None:
             raise self._failure
-
-
-def write_range(fd: int, offset: int, data: bytes) -> None:
-    """One worker-thread hop per batch (pwrite releases the GIL).
-
-    The written range is handed to the disk at once (``sync_file_range``, asynchronous): the
-    fsync before the commit then finds little left to write, where it would otherwise flush
-    the whole blob while every client waits for its last byte (issue 11)."""
-    view = memoryview(data)
-    start = offset
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view = view[written:]
-        offset += written
-    start_writeback(fd, start, len(data))
-
-
-def _sync_file_range() -> Callable[[int, int, int], None]:
-    """``sync_file_range(fd, offset, count, SYNC_FILE_RANGE_WRITE)`` where the C library has
-    it (Linux; Python's ``os`` does not), else a no-op.  Start write-back, wait for nothing;
-    a failure here is harmless (the fsync that follows reports real write errors)."""
-    try:
-        function = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (AttributeError, OSError):
-        return lambda fd, offset, count: None
-    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    function.restype = ctypes.c_int
-    write = 2  # SYNC_FILE_RANGE_WRITE
-
-    def start(fd: int, offset: int, count: int) -> None:
-        function(fd, offset, count, write)
-
-    return start
-
-
-start_writeback = _sync_file_range()

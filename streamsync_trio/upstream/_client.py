@@ -25,6 +25,7 @@ import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -33,8 +34,9 @@ import trio
 
 from .._config import UpstreamConfig
 from .._errors import RegistryError, upstream_timeout, upstream_unavailable
+from .._threads import run_interruptible
 from ._readahead import read_ahead
-from ._wire import WireTransport, environment_mounts
+from ._wire import BLOCKING_BODY, RECEIVE_SIZE, SocketBody, WireTransport, environment_mounts
 
 log = logging.getLogger("streamsync_trio.upstream")
 
@@ -53,6 +55,10 @@ MAX_TOKEN = 16 * 1024
 # rate limits).  Short, because access can be granted at any moment.
 _DENIAL_MEMORY = 15.0
 _MAX_REMEMBERED_DENIALS = 1024
+
+# How long one blocking read of ``BlockingBlob.chunks`` waits before it looks again (the
+# connection's read timeout still counts from the last byte).
+_THREAD_READ_SLICE = 1.0
 
 _CHALLENGE_PARAM_RE = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
 
@@ -137,11 +143,43 @@ class ManifestHead:
 
 @dataclass(slots=True)
 class BlobStream:
-    """An open upstream blob body starting at ``offset``."""
+    """An open upstream blob body starting at ``offset``: ``chunks``, or, when the bytes
+    come straight from a socket, ``blocking`` for a worker thread to read (the core's
+    ``BlockingBody``; ``chunks`` then reads it too, one thread hop per piece)."""
 
     total_size: int | None  # size of the whole blob, when the upstream told us
     offset: int  # where the body really starts (0 if the upstream ignored our Range)
     chunks: AsyncIterator[bytes]
+    blocking: BlockingBlob | None = None
+
+
+class BlockingBlob:
+    """A :class:`~._wire.SocketBody` whose failures are registry errors, as in ``chunks``."""
+
+    def __init__(self, body: SocketBody, mapped: Callable[[httpx.HTTPError], RegistryError]):
+        self._body = body
+        self._mapped = mapped
+
+    def readinto(self, buffer: memoryview, timeout: float) -> int | None:
+        try:
+            return self._body.readinto(buffer, timeout)
+        except httpx.HTTPError as exc:
+            raise self._mapped(exc) from exc
+
+    def interrupt(self) -> None:
+        self._body.interrupt()
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as pieces of up to 1 MiB, each read in a worker thread."""
+        buffer = memoryview(bytearray(RECEIVE_SIZE))
+        while True:
+            count = await run_interruptible(
+                partial(self.readinto, buffer, _THREAD_READ_SLICE), self.interrupt
+            )
+            if count == 0:
+                return
+            if count:
+                yield bytes(buffer[:count])
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,6 +309,11 @@ class Upstream:
             else:
                 length = response.headers.get("Content-Length")
                 total = int(length) if length and length.isdigit() else None
+            socket_body = response.extensions.get(BLOCKING_BODY)
+            if isinstance(socket_body, SocketBody):
+                blocking = BlockingBlob(socket_body, self._transport_error)
+                yield BlobStream(total, start, blocking.chunks(), blocking)
+                return
             # Received ahead by a task of its own: the socket keeps filling while the core
             # hashes and writes the previous pieces in a worker thread.
             async with read_ahead(self._raw_chunks(response)) as chunks:

@@ -27,9 +27,12 @@ whole transfer anyway, and a connection that is never reused cannot be found hal
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, cast
 
 import h11
@@ -44,8 +47,13 @@ _TLS_RECORD = 16 * 1024  # the largest plaintext one TLS record carries
 # Ciphertext worth a thread hop (about 50 us): below this, decrypting in place is cheaper.
 _DECRYPT_IN_THREAD = 128 * 1024
 _MAX_HEAD = 64 * 1024  # response line and headers; h11's limit on an incomplete event
+_LONGEST_WAIT = 3600.0  # one blocking wait of a worker thread, when nothing bounds it
 
 Connect = Callable[[str, int], Awaitable[trio.abc.Stream]]
+
+# The response extension under which a body that a worker thread may read is offered
+# (:class:`SocketBody`): a Content-Length body on a socket of our own.
+BLOCKING_BODY = "streamsync.blocking_body"
 
 
 log = logging.getLogger("streamsync_trio.upstream")
@@ -89,11 +97,12 @@ class WireTransport(httpx.AsyncBaseTransport):
         except BaseException:
             await connection.aclose()
             raise
+        extensions: dict[str, Any] = {"http_version": b"HTTP/1.1", "reason_phrase": head.reason}
+        blocking = connection.blocking_body()
+        if blocking is not None:
+            extensions[BLOCKING_BODY] = blocking
         return httpx.Response(
-            head.status_code,
-            headers=head.headers,
-            stream=_Body(connection),
-            extensions={"http_version": b"HTTP/1.1", "reason_phrase": head.reason},
+            head.status_code, headers=head.headers, stream=_Body(connection), extensions=extensions
         )
 
 
@@ -106,6 +115,7 @@ class _Connection:
         self._read_timeout = read
         self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_HEAD)
         self._remaining: int | None = None  # a Content-Length body read past h11
+        self._socket_body: SocketBody | None = None
         self._closed = False
 
     async def send_request(self) -> None:
@@ -184,11 +194,132 @@ class _Connection:
         with _mapped(self._request, httpx.ReadError, httpx.ReadTimeout, self._read_timeout):
             return bytes(await self._stream.receive_some(max_bytes))
 
+    def blocking_body(self) -> SocketBody | None:
+        """The body as a :class:`SocketBody`, when it has a length and the stream is a
+        socket (or TLS over one) of ours; else None (h11 frames it, or a test's stream)."""
+        if self._remaining is None:
+            return None
+        tls = self._stream if isinstance(self._stream, _TLSStream) else None
+        stream = tls._stream if tls is not None else self._stream
+        if not isinstance(stream, trio.SocketStream):
+            return None
+        self._socket_body = SocketBody(self, stream.socket.fileno(), tls)
+        return self._socket_body
+
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._socket_body is not None:
+                self._socket_body.close()
             with trio.CancelScope(shield=True):
                 await self._stream.aclose()
+
+
+class SocketBody:
+    """The rest of a Content-Length body, read by blocking calls from a worker thread (the
+    core's ``BlockingBody``, see ``core/_pump``).
+
+    It reads the connection's socket through a duplicate of its descriptor, which the event
+    loop does not touch while a thread reads it (the socket stays non-blocking; the waits
+    are ``poll``), and decrypts TLS with the connection's own ``SSLObject``, whose BIOs may
+    still hold ciphertext.  Bytes h11 received past the head come first.  The same bounds as
+    :meth:`_Connection.body`: never past the length, a short body is an error, and a read
+    timeout of the connection's own.  :meth:`interrupt` shuts the socket down, which ends a
+    wait in another thread at once; the connection is useless after it anyway.
+    """
+
+    def __init__(self, connection: _Connection, fileno: int, tls: _TLSStream | None) -> None:
+        self._connection = connection
+        self._socket = socket.socket(fileno=os.dup(fileno))
+        self._tls = tls
+        self._interrupted = False
+        self._last_data = time.monotonic()
+        self._leftover = bytearray()  # what h11 holds past the head; taken at the first read
+        self._took_leftover = False
+
+    def readinto(self, buffer: memoryview, timeout: float) -> int | None:
+        """Up to ``len(buffer)`` bytes of the body into ``buffer``; 0 at its end, None when
+        nothing arrived within ``timeout``.  Raises the httpx exceptions the async body
+        raises for the same faults."""
+        connection = self._connection
+        request = connection._request
+        remaining = connection._remaining
+        assert remaining is not None
+        if not self._took_leftover:
+            self._take_leftover()
+        if remaining <= 0:
+            return 0
+        limit = min(len(buffer), remaining)
+        if self._leftover:
+            count = min(limit, len(self._leftover))
+            buffer[:count] = self._leftover[:count]
+            del self._leftover[:count]
+        else:
+            try:
+                received = self._receive(buffer[:limit], timeout)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                if self._interrupted:
+                    raise httpx.ReadError("interrupted", request=request) from None
+                raise httpx.ReadError(str(exc) or type(exc).__name__, request=request) from exc
+            if received is None:
+                return None
+            count = received
+            if count == 0:
+                if self._interrupted:
+                    raise httpx.ReadError("interrupted", request=request)
+                raise httpx.RemoteProtocolError(
+                    "peer closed connection without sending complete message body: "
+                    f"{remaining} bytes missing",
+                    request=request,
+                )
+        connection._remaining = remaining - count
+        self._last_data = time.monotonic()
+        return count
+
+    def _take_leftover(self) -> None:
+        connection = self._connection
+        self._took_leftover = True
+        while True:  # counted in ``_remaining`` as they are handed out, like the rest
+            event = connection._h11.next_event()
+            if not isinstance(event, h11.Data):
+                break
+            self._leftover += event.data
+
+    def _receive(self, view: memoryview, timeout: float) -> int | None:
+        """Bytes from the socket (decrypted, with TLS) into ``view``; None at ``timeout``.
+        The connection's read timeout counts from the last byte, across calls."""
+        read_timeout = self._connection._read_timeout
+        wait = timeout
+        if read_timeout is not None:
+            left = read_timeout - (time.monotonic() - self._last_data)
+            if left <= 0:
+                raise httpx.ReadTimeout("read timed out", request=self._connection._request)
+            wait = min(wait, left)
+        # Never None (blocking): that would clear O_NONBLOCK on the socket the event loop
+        # shares with this duplicate.
+        self._socket.settimeout(min(max(wait, 0.001), _LONGEST_WAIT))
+        if self._tls is None:
+            try:
+                return self._socket.recv_into(view, len(view))
+            except TimeoutError:
+                return None
+        while True:
+            filled = self._tls._decrypt_into(view)
+            if filled or self._tls._eof:
+                return filled
+            try:
+                data = self._socket.recv(RECEIVE_SIZE)
+            except TimeoutError:
+                return None
+            self._tls._received(data)
+
+    def interrupt(self) -> None:
+        self._interrupted = True
+        with suppress(OSError):
+            self._socket.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._socket.close()
 
 
 class _Body(httpx.AsyncByteStream):
@@ -274,7 +405,11 @@ class _TLSStream(trio.abc.Stream):
                 self._incoming.write_eof()
 
     def _decrypt(self, limit: int) -> int:
-        view = memoryview(self._buffer)
+        return self._decrypt_into(memoryview(self._buffer)[:limit])
+
+    def _decrypt_into(self, view: memoryview) -> int:
+        """Plaintext into ``view``, record after record, while ciphertext is at hand."""
+        limit = len(view)
         filled = 0
         while filled < limit:
             try:
@@ -291,10 +426,17 @@ class _TLSStream(trio.abc.Stream):
             filled += count
         return filled
 
+    def _received(self, data: bytes | bytearray) -> None:
+        """Ciphertext from the socket, or ``b""`` at its end."""
+        if data:
+            self._incoming.write(data)
+        else:
+            self._incoming.write_eof()
+
     async def _fill(self) -> bool:
         data = await self._stream.receive_some(RECEIVE_SIZE)
         if data:
-            self._incoming.write(data)
+            self._received(data)
         return bool(data)
 
     async def _flush(self) -> None:

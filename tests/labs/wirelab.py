@@ -139,3 +139,52 @@ async def upstream_reading(
             yield upstream
         finally:
             await upstream.aclose()
+
+
+# -- a scripted server on a real socket -----------------------------------------------------
+
+Step = bytes | float | None  # bytes to send, seconds to wait, or None: close now
+
+
+@asynccontextmanager
+async def scripted_server(steps: list[Step], scheme: str) -> AsyncIterator[int]:
+    """One connection on a free loopback port: read the request head, play ``steps``, then
+    hold the connection open until the test is done.  Yields the port."""
+    context = None
+    if scheme == "https":
+        certs = certificates()
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(certs.cert, certs.key)
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    done = trio.Event()
+
+    async def serve_one() -> None:
+        socket_stream = await listeners[0].accept()
+        stream: trio.abc.Stream = socket_stream
+        if context is not None:
+            stream = trio.SSLStream(socket_stream, context, server_side=True)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += await stream.receive_some(65536)
+        for step in steps:
+            if step is None:
+                break
+            if isinstance(step, float):
+                await trio.sleep(step)
+            else:
+                await stream.send_all(step)
+        else:
+            await done.wait()
+        await trio.aclose_forcefully(stream)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_one)
+        try:
+            yield listeners[0].socket.getsockname()[1]
+        finally:
+            done.set()
+            await listeners[0].aclose()
+
+
+def head(length: int) -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % length
