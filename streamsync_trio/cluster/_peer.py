@@ -20,13 +20,15 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from urllib.parse import quote
 
 import httpx
+import trio
 
 from .._errors import RegistryError, upstream_timeout, upstream_unavailable
-from ..upstream._wire import WireTransport
+from ..upstream._wire import BLOCKING_BODY, SocketBody, WireTransport
 from ._peerauth import sign
 
 PEER_PREFIX = "/_cluster/blobs/"
@@ -51,7 +53,9 @@ def peer_path(upstream: str, repo: str, digest: str) -> str:
 @dataclass
 class PeerBody:
     """An open peer response: a :class:`~streamsync_trio.core.BlobBody` (``from_peer``, so
-    the producer does not count its bytes as upstream bytes)."""
+    the producer does not count its bytes as upstream bytes), with ``blocking`` for the
+    producer's pump when the bytes come straight from a socket (the core's
+    ``BlockingBody``), as an upstream body has."""
 
     total_size: int | None
     offset: int
@@ -59,9 +63,36 @@ class PeerBody:
     node_url: str
     _response: httpx.Response
     from_peer: bool = True
+    blocking: PeerSocketBody | None = None
 
     async def aclose(self) -> None:
         await self._response.aclose()
+
+
+class PeerSocketBody:
+    """A peer body read by a worker thread: the peer's failures as ``chunks`` raises them,
+    and its bytes counted (in the trio thread, where the counter lives)."""
+
+    def __init__(self, body: SocketBody, node_url: str, on_bytes: Callable[[int], None]):
+        self._body = body
+        self._node_url = node_url
+        self._on_bytes = on_bytes
+        self._token = trio.lowlevel.current_trio_token()
+
+    def readinto(self, buffer: memoryview, timeout: float) -> int | None:
+        try:
+            count = self._body.readinto(buffer, timeout)
+        except httpx.TimeoutException as exc:
+            raise upstream_timeout(f"peer {self._node_url}", _describe(exc)) from None
+        except httpx.HTTPError as exc:
+            raise upstream_unavailable(f"peer {self._node_url}", _describe(exc)) from None
+        if count:
+            with suppress(trio.RunFinishedError):
+                self._token.run_sync_soon(self._on_bytes, count)
+        return count
+
+    def interrupt(self) -> None:
+        self._body.interrupt()
 
 
 class PeerClient:
@@ -110,7 +141,11 @@ class PeerClient:
         except BaseException:
             await response.aclose()
             raise
-        return PeerBody(total, start, self._chunks(response, node_url), node_url, response)
+        body = PeerBody(total, start, self._chunks(response, node_url), node_url, response)
+        socket_body = response.extensions.get(BLOCKING_BODY)
+        if isinstance(socket_body, SocketBody):
+            body.blocking = PeerSocketBody(socket_body, node_url, self._on_bytes)
+        return body
 
     async def _chunks(self, response: httpx.Response, node_url: str) -> AsyncIterator[bytes]:
         try:

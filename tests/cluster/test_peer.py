@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -19,6 +20,7 @@ from streamsync_trio.core._retry import is_transient
 
 from ..labs.fakes import FakeRegistry
 from ..labs.httplab import running_proxy
+from ..labs.wirelab import Step, head, scripted_server, wire_to
 
 SECRET = b"peer secret"
 NODE = "http://10.0.0.5:5000"
@@ -121,6 +123,31 @@ async def test_a_body_cut_short_is_a_transient_error_to_resume_from() -> None:
     error = raised.value
     assert error.status == 502 and is_transient(error)  # the producer resumes, re-decides
     await client.aclose()
+
+
+async def test_a_peer_body_on_a_socket_is_offered_to_the_pump_counted_and_mapped() -> None:
+    """Over a real connection the body comes with ``blocking`` (the producer's fast lane):
+    its bytes are counted as ``chunks`` counts them, and a cut is a transient error."""
+    received: list[int] = []
+    steps: list[Step] = [head(len(DATA)) + DATA[:10_000], 0.05, DATA[10_000:15_000], None]
+    async with scripted_server(steps, "http") as port:
+        client = PeerClient(SECRET, transport=wire_to(port), on_bytes=received.append)
+        body = await client.open(NODE, "docker.io", "library/app", DIGEST, 0)
+        try:
+            assert body.blocking is not None
+            read = partial(body.blocking.readinto, memoryview(bytearray(1 << 20)), 5.0)
+            got = 0
+            with pytest.raises(RegistryError) as raised:
+                while count := await trio.to_thread.run_sync(read):
+                    got += count
+            await trio.testing.wait_all_tasks_blocked()  # counts reach the event loop
+        finally:
+            await body.aclose()
+            await client.aclose()
+    assert got == sum(received) == 15_000
+    error = raised.value
+    assert error.status == 502 and is_transient(error)
+    assert f"peer {NODE}" in error.message
 
 
 async def test_without_a_cluster_there_is_no_peer_endpoint(tmp_path: Path) -> None:
