@@ -85,7 +85,13 @@ def _response(
         # Chunked: a failure then ends the body without its last chunk (hypercorn closes
         # the connection), which a client sees as incomplete, as it would a short body.
         # Bytes, not file ranges: this path is rare, and h11 frames each chunk itself.
-        body = BlobResponseBody(opened.subscriber, state.chunk_budget, state.traffic, opened.source)
+        body = BlobResponseBody(
+            opened.subscriber,
+            state.chunk_budget,
+            state.traffic,
+            opened.source,
+            encrypted=request.scope.get("scheme") == "https",
+        )
         chunked = Response(body, headers=headers)
         chunked.timeout = None
         return chunked
@@ -99,6 +105,7 @@ def _response(
             state.traffic,
             opened.source,
             zero_copy=state.config.zero_copy and zero_copy_offered(request.scope),
+            encrypted=request.scope.get("scheme") == "https",
         )
         response = Response(body, status=status, headers=headers)
         response.timeout = None

@@ -32,9 +32,11 @@ class BlobResponseBody:
         source: str,
         *,
         zero_copy: bool = False,
+        encrypted: bool = False,
     ) -> None:
         self._subscriber = subscriber
         self._zero_copy = zero_copy
+        self._encrypted = encrypted  # TLS to the client: see ChunkBudget.ENCRYPTED_LARGEST
         self._budget = budget
         self._traffic = traffic
         self._source = source
@@ -49,7 +51,7 @@ class BlobResponseBody:
             if self._zero_copy:
                 data = await self._subscriber.read_or_range(self._budget.chunk(), FILE_RANGE)
             else:
-                data = await self._subscriber.read(self._budget.chunk())
+                data = await self._subscriber.read(self._budget.chunk(encrypted=self._encrypted))
         except BaseException:
             self._close()
             raise

@@ -114,6 +114,7 @@ async def serve_peer_blob(state: ProxyState, rest: str) -> Response:
         opened.source,
         # Chunked (size unknown) bodies go as bytes: h11 frames each chunk itself.
         zero_copy=size is not None and state.config.zero_copy and zero_copy_offered(request.scope),
+        encrypted=request.scope.get("scheme") == "https",
     )
     response = Response(body, status=status, headers=headers)
     response.timeout = None

@@ -15,10 +15,12 @@ import pytest
 import trio
 
 from streamsync_trio._reference import parse_digest
+from streamsync_trio.core import Subscriber
 from streamsync_trio.edge._state import ChunkBudget
 
 from ..labs.fakes import FakeRegistry, Fault
 from ..labs.httplab import MiB, fetch, fetch_until_abort, real_time_fake, running_proxy
+from ..labs.wirelab import client_context
 
 
 async def test_concurrent_clients_stream_one_upstream_download(tmp_path: Path) -> None:
@@ -245,6 +247,44 @@ def test_response_chunks_share_one_budget_so_memory_stays_flat() -> None:
         64: 256 * 1024,
         1000: 256 * 1024,
     }
+
+
+def test_a_body_sent_over_tls_gets_small_chunks() -> None:
+    """Encrypting holds each chunk about four times over (see ChunkBudget)."""
+    budget = ChunkBudget()
+    for clients in (1, 8, 1000):
+        budget.open_bodies = clients
+        assert budget.chunk(encrypted=True) == 256 * 1024
+
+
+@pytest.mark.parametrize("tls", [True, False], ids=["https", "http"])
+async def test_clients_over_tls_are_served_in_small_chunks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tls: bool
+) -> None:
+    """Cold and warm, a client over TLS is read for in chunks of at most 256 KiB; one over
+    plain HTTP (with sendfile off, so its bytes are read too) in the budget's 2 MiB."""
+    asked: list[int] = []
+    read = Subscriber.read
+
+    async def recording(self: Subscriber, max_bytes: int) -> bytes:
+        asked.append(max_bytes)
+        return await read(self, max_bytes)
+
+    monkeypatch.setattr(Subscriber, "read", recording)
+    fake = real_time_fake()
+    data = os.urandom(6 * MiB)
+    digest = fake.add_blob(data)
+    settings = {"zero_copy": False}
+    async with (
+        running_proxy(tmp_path, fake, settings=settings, tls=tls) as proxy,
+        httpx.AsyncClient(verify=client_context()) as client,
+    ):
+        assert proxy.url.startswith("https://" if tls else "http://")
+        for _ in ("cold", "warm"):
+            _, body = await fetch(client, proxy.blob_url(digest))
+            assert body == data
+            await proxy.wait_idle()
+    assert max(asked) == (256 * 1024 if tls else 2 * MiB)
 
 
 async def test_every_blob_body_gives_its_share_back(tmp_path: Path) -> None:

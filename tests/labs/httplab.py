@@ -21,6 +21,7 @@ from streamsync_trio._reference import parse_digest
 from streamsync_trio.edge._state import ProxyState
 
 from .fakes import FakeRegistry, make_config
+from .wirelab import certificates
 
 MiB = 1024 * 1024
 
@@ -53,16 +54,21 @@ async def running_proxy(
     fake: FakeRegistry,
     *,
     settings: dict[str, Any] | None = None,
+    tls: bool = False,
     **upstream: object,
 ) -> AsyncIterator[Running]:
     """The app under hypercorn on a free port; ``settings`` change its Config, ``upstream``
-    settings go to its one upstream."""
+    settings go to its one upstream.  With ``tls`` it serves HTTPS with the wire lab's test
+    certificate (valid for 127.0.0.1; clients verify with ``wirelab.client_context()``)."""
     proxy_config = replace(make_config(tmp_path / "cache", **upstream), **(settings or {}))
     app = create_app(proxy_config, transport=fake)
     config = HypercornConfig()
     config.bind = ["127.0.0.1:0"]
     config.alpn_protocols = ["http/1.1"]
     config.accesslog = None
+    if tls:
+        certs = certificates()
+        config.certfile, config.keyfile = str(certs.cert), str(certs.key)
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(partial(serve, app, config, shutdown_trigger=shutdown.wait))

@@ -46,7 +46,8 @@ def certificates() -> Certificates:
     """A test CA and a server certificate for the fake hosts, made once per session."""
     folder = Path(tempfile.mkdtemp(prefix="wirelab-"))
     atexit.register(shutil.rmtree, folder, True)
-    return make_ca(folder, ["DNS:registry.fake.test", "DNS:cdn.fake.test", "DNS:auth.fake.test"])
+    names = ["DNS:registry.fake.test", "DNS:cdn.fake.test", "DNS:auth.fake.test"]
+    return make_ca(folder, [*names, "IP:127.0.0.1"])  # the last for proxies served over TLS
 
 
 def make_ca(folder: Path, names: list[str]) -> Certificates:
