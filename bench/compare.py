@@ -428,6 +428,8 @@ def fast_upstream(args: argparse.Namespace) -> None:
         for scheme in ("http", "https")
         for scenario in scenarios
     }
+    if args.one_client:
+        return  # the chart shows whole runs only
     saved = record(args.chart, "fast", {"medians": medians, "rounds": args.rounds})
     chart(saved, args.chart)
     print(f"\nchart: {args.chart}")
