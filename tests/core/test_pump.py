@@ -23,7 +23,8 @@ from streamsync_trio import RegistryError
 from streamsync_trio._errors import upstream_unavailable
 from streamsync_trio._reference import parse_digest
 from streamsync_trio._threads import run_interruptible
-from streamsync_trio.core._pump import FLUSH_INTERVAL, REPORT_BYTES, Pump
+from streamsync_trio.core import _pump
+from streamsync_trio.core._pump import FLUSH_INTERVAL, REPORT_BYTES, WRITEBACK_BYTES, Pump
 
 from ..labs.corelab import STALL_TIMEOUT, assert_clean, drain, open_lab
 from ..labs.fakes import digest_of
@@ -144,6 +145,22 @@ def test_a_body_is_written_hashed_and_reported_in_order(tmp_path: Path) -> None:
     # (no time passes here, so only the size makes a report).
     assert totals[0] == MiB
     assert len(totals) <= 2 + len(data) // REPORT_BYTES
+
+
+def test_write_back_is_started_every_few_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One ``sync_file_range`` per WRITEBACK_BYTES, over contiguous ranges, not one per
+    batch (each is a trip to the block layer, and in a VM to the hypervisor)."""
+    started: list[tuple[int, int]] = []
+    monkeypatch.setattr(
+        _pump, "start_writeback", lambda fd, offset, count: started.append((offset, count))
+    )
+    data = random.Random(8).randbytes(2 * WRITEBACK_BYTES + 5 * MiB)
+    run = pump_for(tmp_path, ScriptedBody(pieces_of(data, random.Random(9))), available=0)
+    run.pump.run()
+    assert started == [(0, WRITEBACK_BYTES), (WRITEBACK_BYTES, WRITEBACK_BYTES)]
+    assert run.written() == data
 
 
 def test_a_pause_does_not_keep_written_bytes_from_the_readers(tmp_path: Path) -> None:
