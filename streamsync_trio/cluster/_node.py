@@ -28,7 +28,7 @@ def _zeros(*names: str) -> dict[str, int]:
 
 @dataclass
 class ClusterStats:
-    """What the cluster did, for ``/metrics`` and ``/_status`` (see /tmp/team/F.md names)."""
+    """What the cluster did, for ``/metrics`` and ``/_status`` (the README's cluster metrics)."""
 
     peer_bytes_received: int = 0  # read from peers into downloads of ours
     peer_bytes_sent: int = 0  # sent to peers on the peer endpoint

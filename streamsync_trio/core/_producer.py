@@ -1,8 +1,10 @@
 """The producer: one upstream body into one partial file, resumed when it drops, verified.
 
-The producer appends upstream bytes to the partial in batches of at least ``chunk_size``
-(one worker thread hop per batch writes it, while another thread hashes it: see
-:class:`HashLane`), advances ``available`` and wakes the subscribers (``_downloads``).
+The producer appends upstream bytes to the partial in batches of at least ``chunk_size``,
+advances ``available`` and wakes the subscribers (``_downloads``).  A body that comes
+straight from a socket (``BlockingBody``) is pumped by worker threads without the event loop
+(``_pump``); any other body is read here, piece by piece, and each batch is written in a
+worker thread while another thread hashes it (:class:`HashLane`).
 Before the first byte it checks the upstream's answer
 against the download's bound and the cache's free space (``_limits``); when the body drops or
 stalls it asks again from ``available`` (``_retry``), skipping what it has when the upstream

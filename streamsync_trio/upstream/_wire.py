@@ -22,6 +22,11 @@ httpx's own proxy transports for the URLs ``HTTP(S)_PROXY``/``NO_PROXY`` route t
 
 One connection per request, closed with the response: a blob holds its connection for the
 whole transfer anyway, and a connection that is never reused cannot be found half-read.
+
+A body with a ``Content-Length`` on a socket of ours is also offered, as the response
+extension :data:`BLOCKING_BODY`, as a :class:`SocketBody`: the same bytes for a worker thread
+to read with blocking calls, so the core's pump (``core/_pump``) can receive, hash and write
+without the event loop.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ import trio
 
 # Large enough that a piece's fixed cost (a scheduler trip, a timeout scope, a wake-up of the
 # subscribers) is small beside its bytes; small enough that a few downloads at once stay
-# within the memory budget.  Measured on loopback: see /tmp/team/C.md and bench/compare.py.
+# within the memory budget.  Measured on loopback with bench/compare.py --fast-upstream.
 RECEIVE_SIZE = 1024 * 1024
 _TLS_RECORD = 16 * 1024  # the largest plaintext one TLS record carries
 # Ciphertext worth a thread hop (about 50 us): below this, decrypting in place is cheaper.
