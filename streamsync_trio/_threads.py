@@ -42,8 +42,10 @@ async def run_interruptible[T](work: Callable[[], T], interrupt: Callable[[], No
     try:
         await done.wait()
     except BaseException:
-        interrupt()
-        with trio.CancelScope(shield=True):
-            await done.wait()
+        try:
+            interrupt()
+        finally:  # even if interrupting failed: the thread may still hold what we free next
+            with trio.CancelScope(shield=True):
+                await done.wait()
         raise
     return result[0].unwrap()

@@ -101,6 +101,10 @@ class Pump:
             finally:
                 self._settle()
                 self._report(final=True)
+                if self.available > self._written_back:  # the rest goes to the disk too
+                    start_writeback(
+                        self.fd, self._written_back, self.available - self._written_back
+                    )
 
     def __post_init__(self) -> None:
         self._reported = self._written_back = self.available
@@ -108,13 +112,15 @@ class Pump:
     def _run(self) -> None:
         buffer = self._next_buffer()
         filled = 0
-        batch_started = last_data = self.clock()
+        batch_started = self.clock()
+        waited = 0.0  # seconds spent waiting for the upstream since its last byte
         try:
             while True:
                 if self.stopping:
                     raise _Stopped
                 now = self.clock()
-                wait = self.stall_timeout - (now - last_data)
+                # The stall timeout counts the waits only: a slow disk is not the upstream.
+                wait = self.stall_timeout - waited
                 if filled:
                     wait = min(wait, FLUSH_INTERVAL - (now - batch_started))
                 unreported = self.available > self._reported
@@ -133,16 +139,17 @@ class Pump:
                 space = buffer[: min(self.skip, len(buffer))] if self.skip else buffer[filled:]
                 count = self.body.readinto(space, wait)
                 if count is None:
+                    waited += self.clock() - now
                     continue
                 if count == 0:
                     break
-                last_data = self.clock()
+                waited = 0.0
                 if self.skip:  # the upstream ignored our Range: these we have already
                     self.skip -= count
                     continue
                 self._bound(filled + count)
                 if not filled:
-                    batch_started = last_data
+                    batch_started = self.clock()
                 filled += count
                 if filled == len(buffer):
                     buffer, filled = self._flush(buffer, filled), 0

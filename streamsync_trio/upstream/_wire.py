@@ -99,11 +99,11 @@ class WireTransport(httpx.AsyncBaseTransport):
                 await connection.send_request()
             head = await connection.receive_head()
             log.debug("blob response %d from %s:%d", head.status_code, url.host, port)
+            blocking = connection.blocking_body()
         except BaseException:
             await connection.aclose()
             raise
         extensions: dict[str, Any] = {"http_version": b"HTTP/1.1", "reason_phrase": head.reason}
-        blocking = connection.blocking_body()
         if blocking is not None:
             extensions[BLOCKING_BODY] = blocking
         return httpx.Response(
@@ -208,7 +208,11 @@ class _Connection:
         stream = tls._stream if tls is not None else self._stream
         if not isinstance(stream, trio.SocketStream):
             return None
-        self._socket_body = SocketBody(self, stream.socket.fileno(), tls)
+        try:
+            duplicate = socket.socket(fileno=os.dup(stream.socket.fileno()))
+        except OSError:  # out of descriptors, say: the async body reads it instead
+            return None
+        self._socket_body = SocketBody(self, duplicate, tls)
         return self._socket_body
 
     async def aclose(self) -> None:
@@ -228,17 +232,21 @@ class SocketBody:
     loop does not touch while a thread reads it (the socket stays non-blocking; the waits
     are ``poll``), and decrypts TLS with the connection's own ``SSLObject``, whose BIOs may
     still hold ciphertext.  Bytes h11 received past the head come first.  The same bounds as
-    :meth:`_Connection.body`: never past the length, a short body is an error, and a read
-    timeout of the connection's own.  :meth:`interrupt` shuts the socket down, which ends a
-    wait in another thread at once; the connection is useless after it anyway.
+    :meth:`_Connection.body`: never past the length, a short body is an error, and the
+    connection's read timeout, which counts the time spent waiting in :meth:`readinto` since
+    the last byte (across calls that got nothing; not the time the caller spends between
+    calls, writing to a slow disk, say).  :meth:`interrupt` shuts the socket down, which ends
+    a wait in another thread at once; the connection is useless after it anyway.
     """
 
-    def __init__(self, connection: _Connection, fileno: int, tls: _TLSStream | None) -> None:
+    def __init__(
+        self, connection: _Connection, duplicate: socket.socket, tls: _TLSStream | None
+    ) -> None:
         self._connection = connection
-        self._socket = socket.socket(fileno=os.dup(fileno))
+        self._socket = duplicate
         self._tls = tls
         self._interrupted = False
-        self._last_data = time.monotonic()
+        self._waited = 0.0  # seconds spent waiting for bytes since the last byte
         self._leftover = bytearray()  # what h11 holds past the head; taken at the first read
         self._took_leftover = False
 
@@ -261,7 +269,7 @@ class SocketBody:
             del self._leftover[:count]
         else:
             try:
-                received = self._receive(buffer[:limit], timeout)
+                received = self._waiting(buffer[:limit], timeout)
             except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
                 if self._interrupted:
                     raise httpx.ReadError("interrupted", request=request) from None
@@ -278,7 +286,7 @@ class SocketBody:
                     request=request,
                 )
         connection._remaining = remaining - count
-        self._last_data = time.monotonic()
+        self._waited = 0.0
         return count
 
     def _take_leftover(self) -> None:
@@ -290,29 +298,38 @@ class SocketBody:
                 break
             self._leftover += event.data
 
-    def _receive(self, view: memoryview, timeout: float) -> int | None:
-        """Bytes from the socket (decrypted, with TLS) into ``view``; None at ``timeout``.
-        The connection's read timeout counts from the last byte, across calls."""
+    def _waiting(self, view: memoryview, timeout: float) -> int | None:
+        """:meth:`_receive` within ``timeout`` and what is left of the read timeout, which
+        is raised once the waits since the last byte add up to it."""
         read_timeout = self._connection._read_timeout
         wait = timeout
         if read_timeout is not None:
-            left = read_timeout - (time.monotonic() - self._last_data)
-            if left <= 0:
+            wait = min(wait, read_timeout - self._waited)
+        started = time.monotonic()
+        count = self._receive(view, time.monotonic() + max(wait, 0.0))
+        if count is None:
+            self._waited += time.monotonic() - started
+            if read_timeout is not None and self._waited >= read_timeout:
                 raise httpx.ReadTimeout("read timed out", request=self._connection._request)
-            wait = min(wait, left)
-        # Never None (blocking): that would clear O_NONBLOCK on the socket the event loop
-        # shares with this duplicate.
-        self._socket.settimeout(min(max(wait, 0.001), _LONGEST_WAIT))
-        if self._tls is None:
-            try:
-                return self._socket.recv_into(view, len(view))
-            except TimeoutError:
-                return None
+        return count
+
+    def _receive(self, view: memoryview, deadline: float) -> int | None:
+        """Bytes from the socket (decrypted, with TLS) into ``view``; None at ``deadline``
+        (a TLS record trickling in counts against it too)."""
         while True:
-            filled = self._tls._decrypt_into(view)
-            if filled or self._tls._eof:
-                return filled
+            if self._tls is not None:
+                filled = self._tls._decrypt_into(view)
+                if filled or self._tls._eof:
+                    return filled
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            # Never None (blocking): that would clear O_NONBLOCK on the socket the event
+            # loop shares with this duplicate.
+            self._socket.settimeout(min(max(left, 0.001), _LONGEST_WAIT))
             try:
+                if self._tls is None:
+                    return self._socket.recv_into(view, len(view))
                 data = self._socket.recv(RECEIVE_SIZE)
             except TimeoutError:
                 return None

@@ -11,7 +11,8 @@ import hashlib
 import os
 import random
 import threading
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +93,16 @@ class Run:
         return self.path.read_bytes()
 
 
+OPENED: list[int] = []
+
+
+@pytest.fixture(autouse=True)
+def close_partials() -> Iterator[None]:
+    yield
+    while OPENED:
+        os.close(OPENED.pop())
+
+
 def pump_for(
     tmp_path: Path,
     body: ScriptedBody,
@@ -105,8 +116,13 @@ def pump_for(
 ) -> Run:
     path = tmp_path / "partial"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    OPENED.append(fd)
     reports: list[tuple[int, float]] = []
     hasher = hashlib.sha256()
+
+    def progress(total: int, count: int) -> None:
+        reports.append((total, body.now()))
+
     pump = Pump(
         body,
         fd,
@@ -117,7 +133,7 @@ def pump_for(
         maximum,
         chunk_size,
         stall_timeout,
-        lambda total, count: reports.append((total, body.now())),
+        progress,
         clock=body.now,
     )
     return Run(pump, path, reports, hasher)
@@ -159,7 +175,9 @@ def test_write_back_is_started_every_few_batches(
     data = random.Random(8).randbytes(2 * WRITEBACK_BYTES + 5 * MiB)
     run = pump_for(tmp_path, ScriptedBody(pieces_of(data, random.Random(9))), available=0)
     run.pump.run()
-    assert started == [(0, WRITEBACK_BYTES), (WRITEBACK_BYTES, WRITEBACK_BYTES)]
+    every = WRITEBACK_BYTES
+    # ... and the rest when the body ends, so the fsync before the commit finds it written.
+    assert started == [(0, every), (every, every), (2 * every, 5 * MiB)]
     assert run.written() == data
 
 
@@ -200,6 +218,24 @@ def test_an_upstream_silent_for_the_stall_timeout_is_a_504(tmp_path: Path) -> No
     assert run.reports[-1][0] == 2000  # what arrived is kept (a resume starts after it)
     assert body.now() == pytest.approx(3.0)
     assert run.written() == b"z" * 2000
+
+
+def test_a_slow_disk_is_not_a_silent_upstream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stall timeout counts the time spent waiting for the upstream, not the time a
+    write took: 40 s per batch written, with a 30 s stall timeout, is no stall."""
+    body = ScriptedBody([b"d" * MiB, b"e" * MiB, Pause(20.0), b"f" * MiB])
+    real_write = _pump.write_range
+
+    def slow_write(fd: int, offset: int, data: memoryview, *, writeback: bool = True) -> None:
+        body.clock[0] += 40.0
+        real_write(fd, offset, data, writeback=writeback)
+
+    monkeypatch.setattr(_pump, "write_range", slow_write)
+    run = pump_for(tmp_path, body, stall_timeout=30.0)
+    run.pump.run()
+    assert run.written() == b"d" * MiB + b"e" * MiB + b"f" * MiB
 
 
 def test_bytes_the_upstream_repeats_are_skipped(tmp_path: Path) -> None:
@@ -268,6 +304,7 @@ async def test_a_cancelled_pump_is_interrupted_and_waited_for(tmp_path: Path) ->
         def readinto(self, buffer: memoryview, timeout: float) -> int | None:
             entered.set()
             self.interrupted.wait(timeout)  # a socket that sends nothing, until shut down
+            time.sleep(0.2)  # and a thread that takes a moment to notice
             raise upstream_unavailable("blob", "interrupted")
 
     body = Blocking([])
@@ -291,6 +328,25 @@ async def test_a_cancelled_pump_is_interrupted_and_waited_for(tmp_path: Path) ->
                 scope.cancel()
     assert scope.cancelled_caught
     assert body.interrupted.is_set() and finished.is_set()
+
+
+async def test_a_failing_interrupt_still_waits_for_the_thread() -> None:
+    finished = threading.Event()
+    release = threading.Event()
+
+    def work() -> None:
+        release.wait(10)
+        time.sleep(0.2)
+        finished.set()
+
+    def interrupt() -> None:
+        release.set()
+        raise RuntimeError("could not interrupt")
+
+    with trio.fail_after(10), pytest.raises(RuntimeError), trio.CancelScope() as scope:
+        scope.cancel()
+        await run_interruptible(work, interrupt)
+    assert finished.is_set()  # the error left only once the thread was done
 
 
 # -- through the registry: the producer picks the fast lane when the source offers it ------

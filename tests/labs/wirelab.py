@@ -144,7 +144,45 @@ async def upstream_reading(
 
 # -- a scripted server on a real socket -----------------------------------------------------
 
-Step = bytes | float | None  # bytes to send, seconds to wait, or None: close now
+
+@dataclass(frozen=True)
+class Trickle:
+    """Send ``data`` with what goes on the wire (the ciphertext, over TLS) cut into pieces
+    of ``piece`` bytes, ``every`` seconds apart."""
+
+    data: bytes
+    piece: int
+    every: float
+
+
+# bytes to send, seconds to wait, a trickle, or None: close now
+Step = bytes | float | Trickle | None
+
+
+class _Throttled(trio.abc.Stream):
+    """The server's socket, which trickles what it sends while ``trickle`` is set."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.trickle: Trickle | None = None
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self.trickle is None:
+            await self.stream.send_all(data)
+            return
+        view = memoryview(data)
+        for start in range(0, len(view), self.trickle.piece):
+            await self.stream.send_all(view[start : start + self.trickle.piece])
+            await trio.sleep(self.trickle.every)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.stream.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
 
 
 @asynccontextmanager
@@ -160,10 +198,10 @@ async def scripted_server(steps: list[Step], scheme: str) -> AsyncIterator[int]:
     done = trio.Event()
 
     async def serve_one() -> None:
-        socket_stream = await listeners[0].accept()
-        stream: trio.abc.Stream = socket_stream
+        wire = _Throttled(await listeners[0].accept())
+        stream: trio.abc.Stream = wire
         if context is not None:
-            stream = trio.SSLStream(socket_stream, context, server_side=True)
+            stream = trio.SSLStream(wire, context, server_side=True)
         head = b""
         while b"\r\n\r\n" not in head:
             head += await stream.receive_some(65536)
@@ -172,6 +210,10 @@ async def scripted_server(steps: list[Step], scheme: str) -> AsyncIterator[int]:
                 break
             if isinstance(step, float):
                 await trio.sleep(step)
+            elif isinstance(step, Trickle):
+                wire.trickle = step
+                await stream.send_all(step.data)
+                wire.trickle = None
             else:
                 await stream.send_all(step)
         else:

@@ -20,7 +20,7 @@ from streamsync_trio.upstream._client import Upstream
 from streamsync_trio.upstream._wire import BLOCKING_BODY, SocketBody
 
 from ..labs.fakes import FakeRegistry, Fault, digest_of
-from ..labs.wirelab import Step, head, scripted_server, serving_tls, wire_to
+from ..labs.wirelab import Step, Trickle, head, scripted_server, serving_tls, wire_to
 
 HOST = "registry.fake.test"
 SCHEMES = ["http", "https"]
@@ -146,6 +146,43 @@ async def test_the_read_timeout_counts_from_the_last_byte_across_reads(scheme: s
                 while True:  # short waits, as the pump makes them between flushes
                     await trio.to_thread.run_sync(body.readinto, buffer, 0.05)
             assert 0.25 < trio.current_time() - started < 0.9
+        finally:
+            await response.aclose()
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+async def test_time_between_reads_is_not_a_read_timeout(scheme: str) -> None:
+    """The read timeout counts waiting for bytes, not what the reader does between reads
+    (a batch written to a slow disk): bytes that came meanwhile are read, not refused."""
+    async with scripted_server([head(4) + b"12", 0.2, b"34"], scheme) as port:
+        response, body = await open_body(port, scheme, read_timeout=0.3)
+        try:
+            buffer = memoryview(bytearray(100))
+            assert await trio.to_thread.run_sync(body.readinto, buffer, 5.0) == 2
+            await trio.sleep(0.6)  # busy elsewhere
+            assert await trio.to_thread.run_sync(body.readinto, buffer, 5.0) == 2
+        finally:
+            await response.aclose()
+
+
+async def test_a_trickling_tls_record_does_not_hold_a_read_past_its_timeout() -> None:
+    """Ciphertext arriving a few bytes at a time, never a whole record: each read still
+    returns at its timeout, so the pump can look at its own clocks."""
+    record = b"x" * 2000
+    steps: list[Step] = [head(len(record)), 0.05, Trickle(record, piece=64, every=0.05)]
+    async with scripted_server(steps, "https") as port:
+        response, body = await open_body(port, "https", read_timeout=None)
+        try:
+            buffer = memoryview(bytearray(4096))
+            started = trio.current_time()
+            assert await trio.to_thread.run_sync(body.readinto, buffer, 0.3) is None
+            assert trio.current_time() - started < 0.8  # the record takes about 1.6 s
+            got = bytearray()
+            with trio.fail_after(10):
+                while len(got) < len(record):
+                    count = await trio.to_thread.run_sync(body.readinto, buffer, 0.3)
+                    got += buffer[: count or 0]
+            assert bytes(got) == record
         finally:
             await response.aclose()
 
