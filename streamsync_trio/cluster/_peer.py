@@ -82,10 +82,8 @@ class PeerSocketBody:
     def readinto(self, buffer: memoryview, timeout: float) -> int | None:
         try:
             count = self._body.readinto(buffer, timeout)
-        except httpx.TimeoutException as exc:
-            raise upstream_timeout(f"peer {self._node_url}", _describe(exc)) from None
         except httpx.HTTPError as exc:
-            raise upstream_unavailable(f"peer {self._node_url}", _describe(exc)) from None
+            raise _body_failure(self._node_url, exc) from None
         if count:
             with suppress(trio.RunFinishedError):
                 self._token.run_sync_soon(self._on_bytes, count)
@@ -152,11 +150,16 @@ class PeerClient:
             async for chunk in response.aiter_raw():
                 self._on_bytes(len(chunk))
                 yield chunk
-        except httpx.TimeoutException as exc:
-            raise upstream_timeout(f"peer {node_url}", _describe(exc)) from None
         except httpx.HTTPError as exc:
-            # Dropped, reset, or short of its length (the owner failed or died): transient.
-            raise upstream_unavailable(f"peer {node_url}", _describe(exc)) from None
+            raise _body_failure(node_url, exc) from None
+
+
+def _body_failure(node_url: str, exc: httpx.HTTPError) -> RegistryError:
+    """A peer body that failed: timed out, or dropped, reset, or short of its length (the
+    owner failed or died).  Transient either way, so the producer resumes elsewhere."""
+    if isinstance(exc, httpx.TimeoutException):
+        return upstream_timeout(f"peer {node_url}", _describe(exc))
+    return upstream_unavailable(f"peer {node_url}", _describe(exc))
 
 
 def _extent(response: httpx.Response, node_url: str) -> tuple[int | None, int]:

@@ -73,6 +73,15 @@ def too_large(what: str, maximum: int) -> RegistryError:
     )
 
 
+def refuse_growth(total: int, size: int | None, maximum: int | None) -> None:
+    """Refuse a body that has grown to ``total`` bytes past the blob's ``size``, or past
+    ``maximum`` when it has no size (whichever reader, async or pump, is reading it)."""
+    if size is not None and total > size:
+        raise size_invalid(f"the upstream sent more than its {size} bytes")
+    if size is None and maximum is not None and total > maximum:
+        raise too_large("the upstream sent more without a length", maximum)
+
+
 def size_invalid(why: str) -> RegistryError:
     """The upstream's body disagrees with its own length or the declared size: wrong
     content, not a refusal on policy (yet not worth asking again either, see ``_retry``)."""

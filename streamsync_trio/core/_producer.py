@@ -23,6 +23,7 @@ import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import trio
 
@@ -36,8 +37,8 @@ from ._downloads import (
     download_event,
     failure_reason,
 )
-from ._limits import no_room, size_invalid, too_large
-from ._pump import FLUSH_INTERVAL, Hasher, Pump, write_range
+from ._limits import no_room, refuse_growth, size_invalid
+from ._pump import FLUSH_INTERVAL, Hasher, Pump, WriteBack
 from ._retry import RetryPolicy, is_transient
 
 log = logging.getLogger("streamsync_trio.streaming")
@@ -125,6 +126,7 @@ class Fetch:
             batch = bytearray()
             batch_started = 0.0
             chunks = aiter(body.chunks)
+            writeback = WriteBack(self.fd, download.available)
             try:
                 while True:
                     with trio.move_on_after(self.stall_timeout) as stall:
@@ -143,7 +145,7 @@ class Fetch:
                     if not batch and len(chunk) >= self.chunk_size:
                         # A large piece (the wire reader hands over up to 1 MiB) goes to
                         # disk as it is: copying it into the batch first would only cost.
-                        await self._write(bytes(chunk), hasher, upstream)
+                        await self._write(bytes(chunk), hasher, upstream, writeback)
                         continue
                     if not batch:
                         batch_started = trio.current_time()
@@ -152,13 +154,16 @@ class Fetch:
                         len(batch) >= self.chunk_size
                         or trio.current_time() - batch_started >= FLUSH_INTERVAL
                     ):
-                        await self._flush(batch, hasher, upstream)
+                        await self._flush(batch, hasher, upstream, writeback)
             except RegistryError as error:
                 # Keep what arrived intact: a resume continues from there.
                 if is_transient(error):
-                    await self._flush(batch, hasher, upstream)
+                    await self._flush(batch, hasher, upstream, writeback)
                 raise
-            await self._flush(batch, hasher, upstream)
+            await self._flush(batch, hasher, upstream, writeback)
+            await trio.to_thread.run_sync(
+                partial(writeback.written, download.available, final=True)
+            )
 
     async def _pump(self, body: BlockingBody, hasher: HashLane, skip: int, upstream: bool) -> None:
         """The body read, hashed and written by one worker thread (``_pump``); the event
@@ -199,24 +204,23 @@ class Fetch:
     def _bound(self, pending: int) -> None:
         """Refuse a body growing past its size, or past the maximum when it has none."""
         download = self.download
-        size, maximum = download.size, download.bound.maximum
-        total = download.available + pending
-        if size is not None and total > size:
-            raise size_invalid(f"the upstream sent more than its {size} bytes")
-        if size is None and maximum is not None and total > maximum:
-            raise too_large("the upstream sent more without a length", maximum)
+        refuse_growth(download.available + pending, download.size, download.bound.maximum)
 
-    async def _flush(self, batch: bytearray, hasher: HashLane, upstream: bool) -> None:
+    async def _flush(
+        self, batch: bytearray, hasher: HashLane, upstream: bool, writeback: WriteBack
+    ) -> None:
         if not batch:
             return
         data = bytes(batch)
         batch.clear()
-        await self._write(data, hasher, upstream)
+        await self._write(data, hasher, upstream, writeback)
 
-    async def _write(self, data: bytes, hasher: HashLane, upstream: bool) -> None:
+    async def _write(
+        self, data: bytes, hasher: HashLane, upstream: bool, writeback: WriteBack
+    ) -> None:
         download = self.download
         await hasher.add(data)  # hashed while it is written
-        await trio.to_thread.run_sync(write_range, self.fd, download.available, data)
+        await trio.to_thread.run_sync(writeback.write, download.available, data)
         if upstream:
             self.stats.upstream_bytes += len(data)
         download.advance(download.available + len(data))

@@ -31,7 +31,7 @@ from typing import Protocol
 
 from .._errors import RegistryError, upstream_timeout
 from ._downloads import BlockingBody
-from ._limits import size_invalid, too_large
+from ._limits import refuse_growth
 from ._retry import is_transient
 
 # A batch is flushed when it reaches chunk_size, or when its oldest byte has waited this long:
@@ -64,7 +64,7 @@ class Pump:
 
     Runs in a worker thread (:meth:`run`); ``progress(available, count)`` is called there
     after each batch is hashed and written, and must hand the news to the event loop.
-    ``size``/``maximum`` bound the whole blob (as ``Fetch._bound`` does).
+    ``size``/``maximum`` bound the whole blob (``refuse_growth``, as in ``Fetch``).
     """
 
     body: BlockingBody
@@ -82,7 +82,7 @@ class Pump:
     _hashing: ThreadPoolExecutor | None = None
     _reported: int = field(init=False)  # what the event loop has heard of
     _reported_at: float | None = None
-    _written_back: int = field(init=False)  # where write-back was last started
+    _writeback: WriteBack = field(init=False)
     _turn: int = 0
     _buffers: list[memoryview | None] = field(default_factory=lambda: [None, None])
     _hashes: list[Future[None] | None] = field(default_factory=lambda: [None, None])
@@ -101,13 +101,11 @@ class Pump:
             finally:
                 self._settle()
                 self._report(final=True)
-                if self.available > self._written_back:  # the rest goes to the disk too
-                    start_writeback(
-                        self.fd, self._written_back, self.available - self._written_back
-                    )
+                self._writeback.written(self.available, final=True)
 
     def __post_init__(self) -> None:
-        self._reported = self._written_back = self.available
+        self._reported = self.available
+        self._writeback = WriteBack(self.fd, self.available)
 
     def _run(self) -> None:
         buffer = self._next_buffer()
@@ -147,7 +145,7 @@ class Pump:
                 if self.skip:  # the upstream ignored our Range: these we have already
                     self.skip -= count
                     continue
-                self._bound(filled + count)
+                refuse_growth(self.available + filled + count, self.size, self.maximum)
                 if not filled:
                     batch_started = self.clock()
                 filled += count
@@ -159,13 +157,6 @@ class Pump:
             raise
         self._flush(buffer, filled)
 
-    def _bound(self, pending: int) -> None:
-        total = self.available + pending
-        if self.size is not None and total > self.size:
-            raise size_invalid(f"the upstream sent more than its {self.size} bytes")
-        if self.size is None and self.maximum is not None and total > self.maximum:
-            raise too_large("the upstream sent more without a length", self.maximum)
-
     def _flush(self, buffer: memoryview, filled: int) -> memoryview:
         """Hash (in the other thread) and write the batch; the buffer to fill next."""
         if not filled:
@@ -173,11 +164,8 @@ class Pump:
         batch = buffer[:filled]
         assert self._hashing is not None
         self._hashes[self._turn % 2] = self._hashing.submit(self.hasher.update, batch)
-        write_range(self.fd, self.available, batch, writeback=False)
+        self._writeback.write(self.available, batch)
         self.available += filled
-        if self.available - self._written_back >= WRITEBACK_BYTES:
-            start_writeback(self.fd, self._written_back, self.available - self._written_back)
-            self._written_back = self.available
         self._report()
         return self._next_buffer()
 
@@ -219,20 +207,37 @@ class Pump:
                 pending.result()
 
 
-def write_range(fd: int, offset: int, data: bytes | memoryview, *, writeback: bool = True) -> None:
-    """Write ``data`` at ``offset`` (in a worker thread: pwrite releases the GIL).
-
-    The written range is handed to the disk at once (``sync_file_range``, asynchronous): the
-    fsync before the commit then finds little left to write, where it would otherwise flush
-    the whole blob while every client waits for its last byte (issue 11)."""
+def write_range(fd: int, offset: int, data: bytes | memoryview) -> None:
+    """Write ``data`` at ``offset`` (in a worker thread: pwrite releases the GIL)."""
     view = memoryview(data)
-    start = offset
     while view:
         written = os.pwrite(fd, view, offset)
         view = view[written:]
         offset += written
-    if writeback:
-        start_writeback(fd, start, len(data))
+
+
+class WriteBack:
+    """Hands a partial to the disk as it grows (``sync_file_range``, asynchronous): the fsync
+    before the commit then finds little left to write, where it would otherwise flush the
+    whole blob while every client waits (issue 11).  Started every :data:`WRITEBACK_BYTES`
+    and for the rest at the end, not per batch.  Called from worker threads, one at a time.
+    """
+
+    def __init__(self, fd: int, start: int) -> None:
+        self._fd = fd
+        self._start = start  # where write-back was last started
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        """:func:`write_range`, then write-back if it is due."""
+        write_range(self._fd, offset, data)
+        self.written(offset + len(data))
+
+    def written(self, end: int, *, final: bool = False) -> None:
+        """The partial is written up to ``end``; ``final``: nothing more follows."""
+        count = end - self._start
+        if count >= WRITEBACK_BYTES or (final and count > 0):
+            start_writeback(self._fd, self._start, count)
+            self._start = end
 
 
 def _sync_file_range() -> Callable[[int, int, int], None]:

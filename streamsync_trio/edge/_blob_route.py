@@ -25,7 +25,7 @@ from ._access_log import mark_source
 from ._bodies import BlobResponseBody
 from ._ranges import parse_range
 from ._state import ProxyState
-from ._zerocopy import zero_copy_offered
+from ._zerocopy import sent_encrypted, zero_copy_offered
 
 
 async def serve_blob(
@@ -90,7 +90,7 @@ def _response(
             state.chunk_budget,
             state.traffic,
             opened.source,
-            encrypted=request.scope.get("scheme") == "https",
+            encrypted=sent_encrypted(request.scope),
         )
         chunked = Response(body, headers=headers)
         chunked.timeout = None
@@ -105,7 +105,7 @@ def _response(
             state.traffic,
             opened.source,
             zero_copy=state.config.zero_copy and zero_copy_offered(request.scope),
-            encrypted=request.scope.get("scheme") == "https",
+            encrypted=sent_encrypted(request.scope),
         )
         response = Response(body, status=status, headers=headers)
         response.timeout = None

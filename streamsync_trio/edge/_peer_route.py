@@ -23,7 +23,7 @@ from ..core import BlobRead
 from ._bodies import BlobResponseBody
 from ._ranges import parse_range
 from ._state import ProxyState, Traffic, proxy_state
-from ._zerocopy import zero_copy_offered
+from ._zerocopy import sent_encrypted, zero_copy_offered
 
 log = logging.getLogger("streamsync_trio.cluster")
 
@@ -114,7 +114,7 @@ async def serve_peer_blob(state: ProxyState, rest: str) -> Response:
         opened.source,
         # Chunked (size unknown) bodies go as bytes: h11 frames each chunk itself.
         zero_copy=size is not None and state.config.zero_copy and zero_copy_offered(request.scope),
-        encrypted=request.scope.get("scheme") == "https",
+        encrypted=sent_encrypted(request.scope),
     )
     response = Response(body, status=status, headers=headers)
     response.timeout = None

@@ -96,6 +96,12 @@ def zero_copy_offered(scope: Mapping[str, object]) -> bool:
     )
 
 
+def sent_encrypted(scope: Mapping[str, object]) -> bool:
+    """Whether this request's response leaves through TLS (each chunk is then held several
+    times on its way out: see ``ChunkBudget``)."""
+    return scope.get("scheme") == "https"
+
+
 class _OfferZeroCopy:
     """hypercorn's app wrapper, with the extension added to every HTTP scope."""
 

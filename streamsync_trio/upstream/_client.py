@@ -57,7 +57,7 @@ _DENIAL_MEMORY = 15.0
 _MAX_REMEMBERED_DENIALS = 1024
 
 # How long one blocking read of ``BlockingBlob.chunks`` waits before it looks again (the
-# connection's read timeout still counts from the last byte).
+# connection's read timeout still counts every wait since the last byte).
 _THREAD_READ_SLICE = 1.0
 
 _CHALLENGE_PARAM_RE = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')

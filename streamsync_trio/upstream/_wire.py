@@ -162,11 +162,7 @@ class _Connection:
         while self._remaining > 0:
             piece = await self._receive(min(RECEIVE_SIZE, self._remaining))
             if not piece:
-                raise httpx.RemoteProtocolError(
-                    "peer closed connection without sending complete message body: "
-                    f"{self._remaining} bytes missing",
-                    request=self._request,
-                )
+                raise _short_body(self._request, self._remaining)
             if len(piece) > self._remaining:
                 piece = piece[: self._remaining]  # more than announced: never ours to keep
             self._remaining -= len(piece)
@@ -280,11 +276,7 @@ class SocketBody:
             if count == 0:
                 if self._interrupted:
                     raise httpx.ReadError("interrupted", request=request)
-                raise httpx.RemoteProtocolError(
-                    "peer closed connection without sending complete message body: "
-                    f"{remaining} bytes missing",
-                    request=request,
-                )
+                raise _short_body(request, remaining)
         connection._remaining = remaining - count
         self._waited = 0.0
         return count
@@ -354,6 +346,14 @@ class _Body(httpx.AsyncByteStream):
 
     async def aclose(self) -> None:
         await self._connection.aclose()
+
+
+def _short_body(request: httpx.Request, missing: int) -> httpx.RemoteProtocolError:
+    """A body that ended before its ``Content-Length`` (httpcore's words for it)."""
+    return httpx.RemoteProtocolError(
+        f"peer closed connection without sending complete message body: {missing} bytes missing",
+        request=request,
+    )
 
 
 def _content_length(response: h11.Response) -> int | None:

@@ -228,9 +228,9 @@ def test_a_slow_disk_is_not_a_silent_upstream(
     body = ScriptedBody([b"d" * MiB, b"e" * MiB, Pause(20.0), b"f" * MiB])
     real_write = _pump.write_range
 
-    def slow_write(fd: int, offset: int, data: memoryview, *, writeback: bool = True) -> None:
+    def slow_write(fd: int, offset: int, data: memoryview) -> None:
         body.clock[0] += 40.0
-        real_write(fd, offset, data, writeback=writeback)
+        real_write(fd, offset, data)
 
     monkeypatch.setattr(_pump, "write_range", slow_write)
     run = pump_for(tmp_path, body, stall_timeout=30.0)
@@ -399,6 +399,49 @@ async def test_a_download_through_the_pump_resumes_and_verifies(tmp_path: Path) 
         assert source.offsets == [0, cut]
         assert lab.store.blob_path(parse_digest(digest_of(data))).read_bytes() == data
         assert_clean(lab)
+
+
+@dataclass
+class ChunkedBody:
+    total_size: int | None
+    offset: int
+    chunks: AsyncIterator[bytes]
+
+
+async def test_the_async_path_starts_write_back_as_the_pump_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A body with no socket behind it (``chunks`` only) gets the same write-back: every
+    WRITEBACK_BYTES and the rest at the end, over contiguous ranges."""
+    started: list[tuple[int, int]] = []
+
+    def record(fd: int, offset: int, count: int) -> None:
+        started.append((offset, count))
+
+    monkeypatch.setattr(_pump, "start_writeback", record)
+    data = random.Random(10).randbytes(2 * WRITEBACK_BYTES + 3 * MiB + 17)
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for start in range(0, len(data), 300_000):
+            yield data[start : start + 300_000]
+
+    @asynccontextmanager
+    async def source(offset: int) -> AsyncIterator[ChunkedBody]:
+        yield ChunkedBody(len(data), offset, pieces())
+
+    async with open_lab(tmp_path) as lab:
+        subscriber = lab.registry.subscribe(
+            parse_digest(digest_of(data)), source, stall_timeout=STALL_TIMEOUT, retry=lab.retry
+        )
+        outcome = await drain(subscriber)
+        assert outcome.error is None and outcome.data == data
+    # Batches here are the 300,000-byte pieces: write-back starts at the first batch that
+    # reaches WRITEBACK_BYTES since the last start, then covers the rest at the end.
+    ends = [offset + count for offset, count in started]
+    assert [offset for offset, _ in started] == [0, *ends[:-1]]  # contiguous
+    assert ends[-1] == len(data)
+    assert all(WRITEBACK_BYTES <= count < WRITEBACK_BYTES + 300_000 for _, count in started[:-1])
+    assert len(started) == 3
 
 
 async def test_a_pumped_body_that_does_not_match_its_digest_is_never_complete(
